@@ -1,0 +1,501 @@
+"""The actor: the one owner of one SQLite file, and its group-commit batch loop.
+
+An actor is not a task. It is a serialized executor: callers append :class:`Call` s to
+its mailbox and the pool runs :meth:`Actor.run_batch` on the event-loop thread, with no
+``await`` inside, so two batches of one actor never interleave and no lock is needed.
+A batch is one transaction: every call in it runs (a multi-statement call inside its own
+SAVEPOINT), the batch commits once, and the replies go to the durability policy, which
+releases them when the commit is durable (the output gate).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import apsw
+import msgspec
+import trio
+
+from ._config import ActorConfig
+from ._connection import open_actor_db
+from ._errors import (
+    BadRequest,
+    Constraint,
+    Error,
+    Forbidden,
+    Internal,
+    NotFound,
+    Overloaded,
+    QuotaExceeded,
+    SqlError,
+    Timeout,
+    TooLarge,
+)
+from ._ops import (
+    MAX_KV_LIST_LIMIT,
+    MAX_KV_NAME_BYTES,
+    Batch,
+    BatchResult,
+    Deleted,
+    KvDelete,
+    KvGet,
+    KvItems,
+    KvList,
+    KvOk,
+    KvPut,
+    KvValue,
+    Op,
+    Params,
+    Result,
+    Sql,
+    SqlResult,
+)
+from ._sandbox import Authorizer, internal_sql
+
+if TYPE_CHECKING:
+    from ._durability import DurabilityPolicy
+
+log = logging.getLogger("shardlite.actor")
+
+PROGRESS_STEPS = 1000
+"""VM instructions between two looks at the clock while a statement runs."""
+
+_clock = time.monotonic
+_kv_encode = msgspec.msgpack.Encoder().encode
+_kv_decode = msgspec.msgpack.Decoder().decode
+
+_KV_GET = internal_sql("SELECT value FROM _shardlite_kv WHERE name = ?")
+_KV_PUT = internal_sql(
+    "INSERT INTO _shardlite_kv (name, value) VALUES (?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
+_KV_DELETE = internal_sql("DELETE FROM _shardlite_kv WHERE name = ?")
+_KV_LIST = internal_sql(
+    "SELECT name, value FROM _shardlite_kv WHERE name > ? AND name >= ? "
+    "AND (? IS NULL OR name < ?) ORDER BY name LIMIT ?"
+)
+# Transaction control is internal SQL too: a tenant's "COMMIT" must never hit our cached
+# statement, which SQLite would run without asking the authorizer again.
+_BEGIN = internal_sql("BEGIN")
+_COMMIT = internal_sql("COMMIT")
+_ROLLBACK = internal_sql("ROLLBACK")
+_SAVEPOINT = internal_sql("SAVEPOINT call")
+_RELEASE = internal_sql("RELEASE call")
+_ROLLBACK_TO = internal_sql("ROLLBACK TO call")
+
+
+class Sink(Protocol):
+    """Where a call's result goes: an RPC connection, an HTTP waiter, ..."""
+
+    def deliver(self, tag: Any, result: Result | Error) -> None: ...
+
+
+class Exclusive:
+    """A mailbox entry that needs the actor to itself (delete, export, ...).
+
+    It runs after every call queued before it and before any call queued after it;
+    ``fn`` is awaited by the pool while the actor is BUSY, its result is delivered like
+    any other call's.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Actor], Awaitable[Any]]) -> None:
+        self.fn = fn
+
+
+class Call:
+    """One request in an actor's mailbox."""
+
+    __slots__ = ("op", "sink", "tag")
+
+    def __init__(self, op: Op | Exclusive, sink: Sink, tag: Any = None) -> None:
+        self.op = op
+        self.sink = sink
+        self.tag = tag
+
+
+Delivery = tuple[Sink, Any, "Result | Error"]
+
+
+class State(enum.Enum):
+    CLOSED = "closed"
+    OPEN = "open"
+    BUSY = "busy"
+    """A blocking operation (checkpoint, close, export) runs in a worker thread."""
+
+
+class _TxnLost(Exception):
+    """SQLite rolled back the whole transaction (interrupt, disk full, ...)."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Actor:
+    """Owner of one SQLite file. Create through :class:`ActorPool`, not directly."""
+
+    def __init__(
+        self,
+        key: str,
+        path: str,
+        config: ActorConfig,
+        durability: DurabilityPolicy,
+    ) -> None:
+        self.key = key
+        self.path = path
+        self.config = config
+        self.durability = durability
+        self.state = State.CLOSED
+        self.mailbox: deque[Call] = deque()
+        self.scheduled = False
+        self.last_used = 0.0
+        self.conn: apsw.Connection | None = None
+        self._auth: Authorizer | None = None
+        self._cursor: apsw.Cursor | None = None
+        self._deadline = 0.0
+        self._stmt_count = 0
+        self._stmt_readonly = True
+        self._columns: list[str] | None = None
+        self._wrote = False
+        self.wal_pages = 0
+        # durability bookkeeping, owned by the DurabilityPolicy
+        self.written_gen = 0
+        self.synced_gen = 0
+        self.flushing = False
+        self.pending: deque[tuple[int, list[Delivery]]] = deque()
+        self.wal_fd: int | None = None
+        self.dir_sync_needed = False
+        self.broken = False
+        self.want_checkpoint = False
+        self.released: trio.Event | None = None
+        # counters for statistics()
+        self.batches = 0
+        self.calls = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self, *, create: bool = True) -> None:
+        """Open the file inline (about 0.1-0.5 ms; creation also writes the header)."""
+        conn, auth = open_actor_db(self.path, self.key, self.config, create=create)
+        self.conn = conn
+        self._auth = auth
+        conn.set_progress_handler(self._progress, PROGRESS_STEPS)
+        conn.set_wal_hook(self._wal_hook)
+        cursor = conn.cursor()
+        cursor.exec_trace = self._exec_trace
+        self._cursor = cursor
+        self.state = State.OPEN
+        self.dir_sync_needed = True
+
+    def close_blocking(self) -> None:
+        """Checkpoint and close the file. Blocking: run it in a worker thread."""
+        conn, self.conn, self._cursor = self.conn, None, None
+        try:
+            if conn is not None:
+                conn.close()
+        finally:
+            if self.wal_fd is not None:
+                os.close(self.wal_fd)
+                self.wal_fd = None
+            self.state = State.CLOSED
+
+    def checkpoint_blocking(self) -> None:
+        """Copy the WAL into the database and truncate it. Blocking: worker thread."""
+        if self.conn is not None:
+            self.conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            self.wal_pages = 0
+
+    def export_blocking(self, dest: str) -> None:
+        """Write a consistent copy of the file to ``dest`` (backup API). Worker thread."""
+        assert self.conn is not None
+        with apsw.Connection(dest) as out, out.backup("main", self.conn, "main") as backup:
+            backup.step(-1)
+
+    @property
+    def idle(self) -> bool:
+        """No mail, no thread operation, no unreleased reply."""
+        return (
+            self.state is not State.BUSY
+            and not self.mailbox
+            and not self.scheduled
+            and not self.pending
+            and not self.flushing
+        )
+
+    # ------------------------------------------------------------------ SQLite hooks
+
+    def _progress(self) -> bool:
+        return _clock() > self._deadline
+
+    def _wal_hook(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
+        self._wrote = True
+        self.wal_pages = pages
+        return apsw.SQLITE_OK
+
+    def _exec_trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        if not cursor.has_vdbe:  # only whitespace or comments
+            return True
+        self._stmt_count += 1
+        if self._stmt_count > 1:
+            return False
+        self._stmt_readonly = cursor.is_readonly
+        self._columns = [d[0] for d in cursor.get_description()]
+        return True
+
+    def _internal(self, sql: str, params: Any = None) -> list[Any]:
+        """Run one of shardlite's own statements (trusted by the authorizer)."""
+        conn, auth = self.conn, self._auth
+        assert conn is not None and auth is not None
+        auth.trusted = True
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            auth.trusted = False
+
+    # ------------------------------------------------------------------ the batch
+
+    def run_batch(self) -> None:
+        """Run up to ``max_batch`` calls from the mailbox as one transaction.
+
+        Stops before an :class:`Exclusive` entry: the pool runs that one on its own.
+        """
+        mailbox = self.mailbox
+        calls: list[Call] = []
+        limit = self.config.max_batch
+        while mailbox and len(calls) < limit and type(mailbox[0].op) is not Exclusive:
+            calls.append(mailbox.popleft())
+        if not calls:
+            return
+        self.batches += 1
+        self.calls += len(calls)
+        try:
+            results = self._run_transaction(calls)
+        except Exception as exc:  # a bug: fail this batch, reset the actor, keep the shard up
+            log.exception("actor %r: unexpected failure in a batch", self.key)
+            if self.conn is not None and not self.conn.get_autocommit():
+                self._internal(_ROLLBACK)
+            results = [Internal(f"unexpected failure: {type(exc).__name__}")] * len(calls)
+            self.broken = True
+        wrote, self._wrote = self._wrote, False
+        deliveries = [(c.sink, c.tag, r) for c, r in zip(calls, results, strict=True)]
+        self.durability.committed(self, deliveries, wrote)
+
+    def _run_transaction(self, calls: list[Call]) -> list[Result | Error]:
+        conn = self.conn
+        assert conn is not None
+        results: list[Result | Error | None] = [None] * len(calls)
+        failed: set[int] = set()
+        while True:
+            i = 0
+            try:
+                self._internal(_BEGIN)
+                for i, call in enumerate(calls):
+                    if i not in failed:
+                        results[i] = self._run_call(call.op)
+                self._internal(_COMMIT)
+                return results  # type: ignore[return-value]
+            except _TxnLost as lost:
+                # the failed call keeps its error; every other call runs again
+                results[i] = lost.error
+                failed.add(i)
+            except apsw.Error as exc:
+                # COMMIT itself failed (disk full, I/O error): nothing in the batch applied
+                if not conn.get_autocommit():
+                    self._internal(_ROLLBACK)
+                err = _map_error(exc, self._auth)
+                return [err] * len(calls)
+
+    def _run_call(self, op: Op) -> Result | Error:
+        conn = self.conn
+        assert conn is not None
+        multi = isinstance(op, Batch)
+        if multi:
+            self._internal(_SAVEPOINT)
+        try:
+            result = self._apply(op)
+        except apsw.Error as exc:
+            err: Error = _map_error(exc, self._auth)
+        except Error as exc:
+            err = exc
+        except (KeyError, TypeError, OverflowError, ValueError) as exc:
+            err = BadRequest(f"bad parameters: {_describe(exc)}")
+        else:
+            if multi:
+                self._internal(_RELEASE)
+            return result
+        if conn.get_autocommit():
+            raise _TxnLost(err)
+        if multi:
+            self._internal(_ROLLBACK_TO)
+            self._internal(_RELEASE)
+        return err
+
+    def _apply(self, op: Op) -> Result:
+        if type(op) is Sql:
+            return self._exec_sql(op.sql, op.params)
+        if type(op) is Batch:
+            if not op.statements:
+                raise BadRequest("batch has no statements")
+            results = []
+            for i, stmt in enumerate(op.statements):
+                try:
+                    results.append(self._exec_sql(stmt.sql, stmt.params))
+                except Error as exc:
+                    exc.message = f"statement {i}: {exc.message}"
+                    exc.details["index"] = i
+                    raise
+                except apsw.Error as exc:
+                    err = _map_error(exc, self._auth)
+                    err.message = f"statement {i}: {err.message}"
+                    err.details["index"] = i
+                    raise err from None
+            return BatchResult(results)
+        return self._apply_kv(op)
+
+    def _exec_sql(self, sql: str, params: Params) -> SqlResult:
+        conn = self.conn
+        cursor = self._cursor
+        assert conn is not None and cursor is not None
+        self._stmt_count = 0
+        self._columns = None
+        self._deadline = _clock() + self.config.statement_timeout_s
+        before = conn.total_changes()
+        try:
+            cursor.execute(sql, params if params is not None else ())
+            rows = cursor.fetchall()
+        except apsw.ExecTraceAbort:
+            raise BadRequest(
+                "sql holds more than one statement; send one per request, or use a batch"
+            ) from None
+        if self._columns is None:
+            raise BadRequest("sql is empty: it holds no statement")
+        if len(rows) > 256:
+            _check_result_size(rows, self.config.max_result_bytes)
+        changed = conn.total_changes() != before
+        return SqlResult(
+            self._columns,
+            rows,
+            conn.changes() if changed else 0,
+            conn.last_insert_rowid(),
+        )
+
+    def _apply_kv(self, op: Op) -> Result:
+        conn = self.conn
+        auth = self._auth
+        assert conn is not None and auth is not None
+        if isinstance(op, KvList):
+            if not 0 < op.limit <= MAX_KV_LIST_LIMIT:
+                raise BadRequest(f"limit must be between 1 and {MAX_KV_LIST_LIMIT}, got {op.limit}")
+            upper = _prefix_upper_bound(op.prefix)
+            auth.trusted = True
+            try:
+                rows = conn.execute(
+                    _KV_LIST, (op.after or "", op.prefix, upper, upper, op.limit)
+                ).fetchall()
+            finally:
+                auth.trusted = False
+            return KvItems([(name, _kv_decode(value)) for name, value in rows])
+        name: str = op.name  # type: ignore[union-attr]
+        if len(name.encode("utf-8", "surrogatepass")) > MAX_KV_NAME_BYTES:
+            raise BadRequest(f"KV name is longer than {MAX_KV_NAME_BYTES} bytes")
+        auth.trusted = True
+        try:
+            if isinstance(op, KvGet):
+                rows = conn.execute(_KV_GET, (name,)).fetchall()
+                if not rows:
+                    raise NotFound(f"no KV entry named {name!r}")
+                return KvValue(_kv_decode(rows[0][0]))
+            if isinstance(op, KvPut):
+                try:
+                    encoded = _kv_encode(op.value)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise BadRequest(f"KV value cannot be stored: {exc}") from None
+                if len(encoded) > self.config.max_value_bytes:
+                    raise TooLarge(
+                        f"KV value is {len(encoded)} bytes; the limit is {self.config.max_value_bytes}"
+                    )
+                conn.execute(_KV_PUT, (name, encoded))
+                return KvOk()
+            if isinstance(op, KvDelete):
+                conn.execute(_KV_DELETE, (name,))
+                return Deleted(conn.changes() > 0)
+        finally:
+            auth.trusted = False
+        raise BadRequest(f"unknown operation {type(op).__name__}")
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "state": self.state.value,
+            "mailbox": len(self.mailbox),
+            "batches": self.batches,
+            "calls": self.calls,
+            "wal_pages": self.wal_pages,
+        }
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string above every string that starts with ``prefix`` (BINARY order)."""
+    while prefix:
+        last = ord(prefix[-1])
+        if last < 0x10FFFF:
+            nxt = last + 1
+            if 0xD800 <= nxt <= 0xDFFF:
+                nxt = 0xE000
+            return prefix[:-1] + chr(nxt)
+        prefix = prefix[:-1]
+    return None
+
+
+def _check_result_size(rows: list[tuple[Any, ...]], limit: int) -> None:
+    size = 0
+    for row in rows:
+        for v in row:
+            size += len(v) if isinstance(v, (str, bytes)) else 9
+        if size > limit:
+            raise TooLarge(
+                f"the result is larger than {limit} bytes; select fewer rows (LIMIT/OFFSET) or columns"
+            )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"no value for named parameter {exc.args[0]!r}"
+    return str(exc)
+
+
+def _map_error(exc: apsw.Error, auth: Authorizer | None) -> Error:
+    """Translate an apsw exception into the shardlite error a user should see."""
+    message = str(exc)
+    if isinstance(exc, apsw.AuthError):
+        reason = auth.denied if auth is not None and auth.denied else message
+        if auth is not None:
+            auth.denied = None
+        return Forbidden(f"not allowed by the sandbox: {reason}")
+    if isinstance(exc, (apsw.ConstraintError, apsw.MismatchError)):
+        return Constraint(message)
+    if isinstance(exc, apsw.InterruptError):
+        return Timeout(
+            "the statement ran past its time budget and was interrupted; nothing was written"
+        )
+    if isinstance(exc, apsw.TooBigError):
+        return TooLarge(f"{message} (a string, blob or statement is over the configured limit)")
+    if isinstance(exc, apsw.FullError):
+        return QuotaExceeded(
+            "the actor's database reached its size quota; delete data to write again"
+        )
+    if isinstance(exc, (apsw.BindingsError, apsw.RangeError)):
+        return BadRequest(f"bad parameters: {message}")
+    if isinstance(exc, apsw.NoMemError):
+        return Overloaded("the server is out of SQLite memory; retry later")
+    if isinstance(exc, (apsw.SQLError, apsw.ReadOnlyError)):
+        return SqlError(message)
+    return Internal(f"{type(exc).__name__}: {message}")

@@ -1,0 +1,47 @@
+"""Per-process actor configuration: one frozen object, defaults as named constants."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+DEFAULT_STATEMENT_TIMEOUT_S = 0.5
+DEFAULT_MAILBOX_SIZE = 1024
+DEFAULT_MAX_BATCH = 256
+DEFAULT_MAX_OPEN_ACTORS = 4096
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+DEFAULT_MAX_DB_BYTES = 1 << 30
+DEFAULT_MAX_VALUE_BYTES = 2 << 20
+DEFAULT_MAX_SQL_BYTES = 100_000
+DEFAULT_MAX_RESULT_BYTES = 16 << 20
+DEFAULT_CHECKPOINT_WAL_BYTES = 4 << 20
+DEFAULT_FSYNC_THREADS = 4
+
+
+class Durability(enum.Enum):
+    """When a write is acknowledged (see the actor folder's DESIGN.md)."""
+
+    OS = "os"
+    """After COMMIT (synchronous=NORMAL): survives a crash of the process, not of the machine."""
+    FSYNC = "fsync"
+    """After the actor's WAL is fdatasync'ed (off the event loop): survives power loss."""
+
+
+class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How every actor of a process behaves. Immutable; build a new one to change it."""
+
+    durability: Durability = Durability.FSYNC
+    statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S
+    mailbox_size: int = DEFAULT_MAILBOX_SIZE
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_open_actors: int = DEFAULT_MAX_OPEN_ACTORS
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    max_db_bytes: int = DEFAULT_MAX_DB_BYTES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    checkpoint_wal_bytes: int = DEFAULT_CHECKPOINT_WAL_BYTES
+    fsync_threads: int = DEFAULT_FSYNC_THREADS
+    vfs: str | None = None
+    """Name of a registered apsw VFS to open files with (fault-injection tests only)."""

@@ -1,0 +1,84 @@
+"""Opening an actor's SQLite file: flags, pragmas, sandbox, and the key stored inside."""
+
+from __future__ import annotations
+
+import os
+
+import apsw
+
+from ._config import ActorConfig
+from ._errors import Internal, NotFound
+from ._sandbox import Authorizer, harden, internal_sql
+
+FORMAT_VERSION = 1
+_OPEN_FLAGS = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW | apsw.SQLITE_OPEN_EXRESCODE
+
+META_DDL = internal_sql(
+    "CREATE TABLE IF NOT EXISTS _shardlite_meta (name TEXT PRIMARY KEY, value ANY) STRICT, WITHOUT ROWID"
+)
+KV_DDL = internal_sql(
+    "CREATE TABLE IF NOT EXISTS _shardlite_kv (name TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT, WITHOUT ROWID"
+)
+_META_GET = internal_sql("SELECT value FROM _shardlite_meta WHERE name = ?")
+_META_PUT = internal_sql("INSERT OR REPLACE INTO _shardlite_meta (name, value) VALUES (?, ?)")
+_HAS_META = internal_sql(
+    "SELECT count(*) FILTER (WHERE name = '_shardlite_meta'), count(*) FROM sqlite_schema WHERE type = 'table'"
+)
+
+
+def open_actor_db(
+    path: str, key: str, config: ActorConfig, *, create: bool
+) -> tuple[apsw.Connection, Authorizer]:
+    """Open (or create) the actor file at ``path`` for ``key``, hardened and checked.
+
+    WAL with ``locking_mode=EXCLUSIVE`` (one connection per file: no shared-memory
+    locking, half the cost of a small transaction), ``synchronous=NORMAL`` (durability is
+    the actor's job, see DESIGN.md), no autocheckpoint (checkpoints run off the loop).
+    """
+    exists = os.path.lexists(path)
+    if not exists and not create:
+        raise NotFound(f"actor {key!r} does not exist")
+    if not exists:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    flags = _OPEN_FLAGS | (apsw.SQLITE_OPEN_CREATE if create else 0)
+    if config.vfs:
+        conn = apsw.Connection(path, flags=flags, vfs=config.vfs)
+    else:
+        conn = apsw.Connection(path, flags=flags)
+    try:
+        conn.pragma("locking_mode", "exclusive")
+        # a new file: the header change is synced under the default synchronous=FULL
+        if conn.pragma("journal_mode") != "wal" and conn.pragma("journal_mode", "wal") != "wal":
+            raise Internal(f"could not put {path} in WAL mode")
+        conn.pragma("synchronous", "normal")
+        conn.wal_autocheckpoint(0)
+        authorizer = harden(conn, config)
+        _check_or_init_meta(conn, authorizer, key, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, authorizer
+
+
+def _check_or_init_meta(conn: apsw.Connection, auth: Authorizer, key: str, path: str) -> None:
+    auth.trusted = True
+    try:
+        has_meta, tables = conn.execute(_HAS_META).fetchall()[0]
+        if has_meta:
+            rows = conn.execute(_META_GET, ("key",)).fetchall()
+            if rows and rows[0][0] == key:
+                return
+            if rows:
+                raise Internal(
+                    f"{path} belongs to actor {rows[0][0]!r}, not {key!r}; refusing to serve it"
+                )
+        elif tables:
+            raise Internal(f"{path} is not a shardlite actor file (no _shardlite_meta table)")
+        # new, or a creation interrupted by a crash before its first commit
+        with conn:
+            conn.execute(META_DDL)
+            conn.execute(KV_DDL)
+            conn.execute(_META_PUT, ("key", key))
+            conn.execute(_META_PUT, ("format", FORMAT_VERSION))
+    finally:
+        auth.trusted = False

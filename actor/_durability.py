@@ -1,0 +1,189 @@
+"""Durability policies: when a committed batch's replies may leave (the output gate).
+
+The actor commits every batch inline with ``synchronous=NORMAL`` and hands the batch's
+replies to its policy through :meth:`DurabilityPolicy.committed`; this is the seam where
+the shard log (``durability=log``) plugs in.
+
+* :class:`OsDurability` releases them at once: the WAL write is in the OS page cache, so
+  the write survives a crash of the process, not a power cut.
+* :class:`FsyncDurability` releases them after an ``fdatasync`` of the actor's WAL file,
+  run in a worker thread by one flusher task. The actor goes on running its next batches
+  meanwhile; their replies wait for the next round (Durable Objects' input/output gates).
+  Reads wait too when they follow an unsynced write, so no reply ever reveals data that
+  a power cut could still take back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from ._actor import Actor, Delivery
+from ._config import ActorConfig, Durability
+from ._errors import Internal
+
+log = logging.getLogger("shardlite.actor")
+
+SyncFn = Callable[[Actor], None]
+
+
+class DurabilityPolicy(Protocol):
+    def committed(self, actor: Actor, deliveries: list[Delivery], wrote: bool) -> None:
+        """A batch committed; release ``deliveries`` once it is durable."""
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work of the policy (the flusher), until cancelled."""
+
+    def statistics(self) -> dict[str, Any]: ...
+
+
+def deliver(deliveries: list[Delivery]) -> None:
+    for sink, tag, result in deliveries:
+        sink.deliver(tag, result)
+
+
+class OsDurability:
+    """Acknowledge after COMMIT: survives a process crash, not a power cut."""
+
+    def __init__(self) -> None:
+        self.on_released: Callable[[Actor], None] = lambda actor: None
+
+    def committed(self, actor: Actor, deliveries: list[Delivery], wrote: bool) -> None:
+        deliver(deliveries)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep_forever()
+
+    def statistics(self) -> dict[str, Any]:
+        return {"mode": "os"}
+
+
+def fdatasync_wal(actor: Actor) -> None:
+    """Make the actor's committed WAL frames durable. Runs in a worker thread.
+
+    The WAL file's directory entry is synced too after each open, since the WAL is
+    created (and, on close, deleted) by SQLite, which under synchronous=NORMAL never
+    syncs the directory itself. The main database file is never opened here: closing a
+    second descriptor of it would drop SQLite's POSIX locks (howtocorrupt.html §2.2).
+    """
+    if actor.wal_fd is None:
+        actor.wal_fd = os.open(actor.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+    os.fdatasync(actor.wal_fd)
+    if actor.dir_sync_needed:
+        fanout = os.path.dirname(actor.path)
+        for directory in (fanout, os.path.dirname(fanout)):
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        actor.dir_sync_needed = False
+
+
+class FsyncDurability:
+    """Acknowledge after an fdatasync of the actor's WAL, run off the event loop."""
+
+    def __init__(self, config: ActorConfig, sync: SyncFn = fdatasync_wal) -> None:
+        self._sync = sync
+        self._threads = max(1, config.fsync_threads)
+        self._limiter = trio.CapacityLimiter(self._threads)
+        self._dirty: list[Actor] = []
+        self._queued: set[Actor] = set()
+        self._wake = trio.Event()
+        self.on_released: Callable[[Actor], None] = lambda actor: None
+        self.rounds = 0
+        self.syncs = 0
+        self.failures = 0
+
+    def committed(self, actor: Actor, deliveries: list[Delivery], wrote: bool) -> None:
+        if wrote:
+            actor.written_gen += 1
+        if actor.written_gen == actor.synced_gen:
+            deliver(deliveries)
+            return
+        actor.pending.append((actor.written_gen, deliveries))
+        if wrote and not actor.flushing and actor not in self._queued:
+            self._queued.add(actor)
+            self._dirty.append(actor)
+            self._wake.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._dirty:
+                await self._round()
+
+    async def _round(self) -> None:
+        actors, self._dirty = self._dirty, []
+        self._queued.clear()
+        targets = []
+        for actor in actors:
+            actor.flushing = True
+            targets.append(actor.written_gen)
+        failed: dict[Actor, BaseException] = {}
+        # spread the fdatasyncs over a few threads: the disk serves them concurrently
+        chunks = [actors[i :: self._threads] for i in range(min(self._threads, len(actors)))]
+        async with trio.open_nursery() as nursery:
+            for chunk in chunks:
+                nursery.start_soon(self._sync_chunk, chunk, failed)
+        self.rounds += 1
+        self.syncs += len(actors)
+        for actor, target in zip(actors, targets, strict=True):
+            actor.flushing = False
+            exc = failed.get(actor)
+            if exc is not None:
+                self._fail(actor, exc)
+                continue
+            actor.synced_gen = target
+            while actor.pending and actor.pending[0][0] <= target:
+                deliver(actor.pending.popleft()[1])
+            if actor.written_gen > actor.synced_gen and actor not in self._queued:
+                self._queued.add(actor)
+                self._dirty.append(actor)
+            elif not actor.pending:
+                self.on_released(actor)
+
+    async def _sync_chunk(self, chunk: list[Actor], failed: dict[Actor, BaseException]) -> None:
+        def work() -> None:
+            for actor in chunk:
+                try:
+                    self._sync(actor)
+                except OSError as exc:
+                    failed[actor] = exc
+
+        await trio.to_thread.run_sync(work, limiter=self._limiter)
+
+    def _fail(self, actor: Actor, exc: BaseException) -> None:
+        # After a failed fsync the kernel may have dropped the dirty pages (fsyncgate):
+        # nothing pending can be acknowledged, and the actor must reopen from disk.
+        self.failures += 1
+        log.error("fdatasync of %s failed: %s; failing its pending replies", actor.path, exc)
+        err = Internal(f"the write could not be made durable ({exc}); it may or may not be applied")
+        while actor.pending:
+            for sink, tag, _ in actor.pending.popleft()[1]:
+                sink.deliver(tag, err)
+        actor.synced_gen = actor.written_gen
+        actor.broken = True
+        self.on_released(actor)
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "mode": "fsync",
+            "rounds": self.rounds,
+            "syncs": self.syncs,
+            "failures": self.failures,
+            "dirty": len(self._dirty),
+        }
+
+
+def make_durability(config: ActorConfig) -> OsDurability | FsyncDurability:
+    if config.durability is Durability.FSYNC:
+        return FsyncDurability(config)
+    return OsDurability()

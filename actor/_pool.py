@@ -1,0 +1,425 @@
+"""The actor pool of one process: residency (LRU, idle timeout), scheduling, lifecycle.
+
+Callers hand calls to :meth:`ActorPool.submit_nowait` (no checkpoint, no task switch)
+and then call :meth:`ActorPool.run_ready`, which runs every actor with queued calls on
+the caller's own task: a batch per actor, inline. An RPC connection that read 500 frames
+for 20 keys thus runs 20 transactions and no task switch at all. Work left over after a
+time slice goes to the pool's runner task, so one submitter never runs for long.
+
+Everything that blocks (checkpoint, close, export, delete) runs in a worker thread while
+the actor is BUSY; calls that arrive meanwhile wait in its mailbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import apsw
+import trio
+
+from ._actor import Actor, Call, Delivery, Exclusive, Sink, State, _map_error
+from ._config import ActorConfig
+from ._durability import FsyncDurability, OsDurability, make_durability
+from ._errors import Error, Internal, Overloaded, Unavailable
+from ._keys import resolve_actor_path, validate_key
+from ._ops import Op
+
+log = logging.getLogger("shardlite.actor")
+
+RUN_SLICE_S = 0.005
+"""How long one caller of run_ready() runs actors before leaving the rest to the runner."""
+REAP_INTERVAL_MAX_S = 5.0
+DRAIN_TIMEOUT_S = 30.0
+
+_clock = time.monotonic
+
+
+class Waiter:
+    """A sink for one call awaited by one task (HTTP handlers, in-process callers)."""
+
+    __slots__ = ("_event", "_result")
+
+    def __init__(self) -> None:
+        self._result: Any = None
+        self._event: trio.Event | None = None
+
+    def deliver(self, tag: Any, result: Any) -> None:
+        self._result = (result,)
+        if self._event is not None:
+            self._event.set()
+
+    async def wait(self) -> Any:
+        if self._result is None:
+            self._event = trio.Event()
+            await self._event.wait()
+        result = self._result[0]
+        if isinstance(result, Error):
+            raise result
+        return result
+
+
+class ActorPool:
+    """All the actors of one process. Open with :func:`open_actor_pool`."""
+
+    def __init__(
+        self,
+        config: ActorConfig,
+        locate: Callable[[str], str],
+        durability: OsDurability | FsyncDurability | None = None,
+    ) -> None:
+        self.config = config
+        self._locate = locate
+        self.durability = durability if durability is not None else make_durability(config)
+        self.durability.on_released = self._on_released
+        self._actors: OrderedDict[str, Actor] = OrderedDict()
+        self._ready: deque[Actor] = deque()
+        self._runner_wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._open = 0
+        self.closing = False
+        # counters for statistics()
+        self.opened = 0
+        self.evicted = 0
+        self.checkpoints = 0
+        self.overloaded = 0
+        self.batches = 0
+        self.calls = 0
+
+    # ------------------------------------------------------------------ calls
+
+    def submit_nowait(self, key: str, calls: list[Call]) -> None:
+        """Queue ``calls`` for ``key``'s actor. Raises Overloaded/Unavailable/BadRequest."""
+        actor = self._actors.get(key)
+        if actor is None:
+            if self.closing:
+                raise Unavailable("the server is shutting down; retry on another server")
+            validate_key(key)
+            path = resolve_actor_path(self._locate(key), key)
+            actor = Actor(key, path, self.config, self.durability)  # type: ignore[arg-type]
+            self._actors[key] = actor
+        else:
+            self._actors.move_to_end(key)
+        if len(actor.mailbox) + len(calls) > self.config.mailbox_size:
+            self.overloaded += 1
+            raise Overloaded(
+                f"actor {key!r} has {len(actor.mailbox)} calls queued; retry shortly",
+                retry_after=1.0,
+            )
+        actor.mailbox.extend(calls)
+        self._schedule(actor)
+
+    def _schedule(self, actor: Actor) -> None:
+        if not actor.scheduled and actor.state is not State.BUSY and not actor.want_checkpoint:
+            actor.scheduled = True
+            self._ready.append(actor)
+
+    def wake_runner(self) -> None:
+        """Let the runner task run what is queued, once the current tasks have yielded."""
+        if self._ready:
+            self._runner_wake.set()
+
+    def run_ready(self) -> None:
+        """Run queued batches inline, for up to RUN_SLICE_S; the runner does the rest."""
+        ready = self._ready
+        now = trio.current_time()
+        deadline = _clock() + RUN_SLICE_S
+        while ready:
+            actor = ready.popleft()
+            actor.scheduled = False
+            if actor.state is State.BUSY or actor.want_checkpoint or not actor.mailbox:
+                continue
+            actor.last_used = now
+            if type(actor.mailbox[0].op) is Exclusive:
+                self._start_exclusive(actor)
+                continue
+            if actor.state is State.CLOSED and not self._open_actor(actor):
+                continue
+            before = actor.calls
+            actor.run_batch()
+            self.batches += 1
+            self.calls += actor.calls - before
+            if actor.broken or actor.want_checkpoint or actor.wal_pages >= self._ckpt_pages(actor):
+                actor.want_checkpoint = True
+                self._maybe_maintain(actor)
+            elif actor.mailbox:
+                actor.scheduled = True
+                ready.append(actor)
+            if _clock() > deadline:
+                break
+        if ready:
+            self._runner_wake.set()
+
+    async def call(self, key: str, op: Op | Exclusive) -> Any:
+        """Run one operation on ``key``'s actor and return its result (or raise)."""
+        waiter = Waiter()
+        self.submit_nowait(key, [Call(op, waiter)])
+        self.wake_runner()
+        return await waiter.wait()
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key``'s actor and its file, after the calls queued before this one."""
+        deleted: bool = await self.call(key, Exclusive(self._delete_files))
+        return deleted
+
+    async def export(self, key: str) -> str:
+        """A consistent copy of the actor's file in a new temporary file; caller removes it."""
+        path: str = await self.call(key, Exclusive(self._export_file))
+        return path
+
+    # ------------------------------------------------------------------ residency
+
+    def _open_actor(self, actor: Actor) -> bool:
+        try:
+            actor.open()
+        except (Error, apsw.Error, OSError) as exc:
+            err = exc if isinstance(exc, Error) else _open_error(actor, exc)
+            log.warning("actor %r: cannot open %s: %s", actor.key, actor.path, exc)
+            while actor.mailbox:
+                call = actor.mailbox.popleft()
+                call.sink.deliver(call.tag, err)
+            self._forget(actor)
+            return False
+        self._open += 1
+        self.opened += 1
+        if self._open > self.config.max_open_actors:
+            self._evict()
+        return True
+
+    def _evict(self) -> None:
+        excess = self._open - self.config.max_open_actors
+        for actor in self._actors.values():
+            if excess <= 0:
+                break
+            if actor.state is State.OPEN and actor.idle:
+                self.evicted += 1
+                excess -= 1
+                self._spawn_close(actor)
+
+    def _forget(self, actor: Actor) -> None:
+        if self._actors.get(actor.key) is actor and actor.idle and actor.state is State.CLOSED:
+            del self._actors[actor.key]
+
+    def _ckpt_pages(self, actor: Actor) -> int:
+        return self.config.checkpoint_wal_bytes // 4096
+
+    def _on_released(self, actor: Actor) -> None:
+        if actor.released is not None:
+            actor.released.set()
+            actor.released = None
+        self._maybe_maintain(actor)
+
+    def _maybe_maintain(self, actor: Actor) -> None:
+        """Checkpoint (or reset, if broken) an actor once its replies are all released."""
+        if actor.state is not State.OPEN or actor.pending or actor.flushing:
+            return
+        if actor.broken:
+            self._spawn_close(actor)
+        elif actor.want_checkpoint:
+            actor.state = State.BUSY
+            self._spawn(self._checkpoint, actor)
+
+    def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    def _spawn_close(self, actor: Actor) -> None:
+        actor.state = State.BUSY
+        self._spawn(self._close, actor)
+
+    async def _close(self, actor: Actor) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(actor.close_blocking)
+            except apsw.Error:
+                log.exception("actor %r: close failed", actor.key)
+                actor.state = State.CLOSED
+        self._open -= 1
+        actor.broken = False
+        actor.want_checkpoint = False
+        self._after_busy(actor)
+
+    async def _checkpoint(self, actor: Actor) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(actor.checkpoint_blocking)
+                self.checkpoints += 1
+            except apsw.Error:
+                log.exception("actor %r: checkpoint failed", actor.key)
+        actor.state = State.OPEN
+        actor.want_checkpoint = False
+        self._after_busy(actor)
+
+    def _after_busy(self, actor: Actor) -> None:
+        if actor.mailbox:
+            self._schedule(actor)
+            self.run_ready()
+        elif actor.state is State.CLOSED:
+            self._forget(actor)
+
+    # ------------------------------------------------------------------ exclusive calls
+
+    def _start_exclusive(self, actor: Actor) -> None:
+        call = actor.mailbox.popleft()
+        assert isinstance(call.op, Exclusive)
+        was_open = actor.state is State.OPEN
+        actor.state = State.BUSY
+        self._spawn(self._run_exclusive, actor, call, was_open)
+
+    async def _run_exclusive(self, actor: Actor, call: Call, was_open: bool) -> None:
+        assert isinstance(call.op, Exclusive)
+        with trio.CancelScope(shield=True):
+            while actor.pending or actor.flushing:
+                actor.released = trio.Event()
+                await actor.released.wait()
+            if actor.conn is None and was_open:
+                was_open = False
+            try:
+                result: Any = await call.op.fn(actor)
+            except Error as exc:
+                result = exc
+            except (apsw.Error, OSError) as exc:
+                log.exception("actor %r: exclusive operation failed", actor.key)
+                result = exc if isinstance(exc, Error) else Internal(str(exc))
+        if actor.conn is None:
+            if was_open:
+                self._open -= 1
+            actor.state = State.CLOSED
+        else:
+            if not was_open:
+                self._open += 1
+            actor.state = State.OPEN
+        call.sink.deliver(call.tag, result)
+        self._after_busy(actor)
+
+    async def _delete_files(self, actor: Actor) -> bool:
+        if actor.conn is not None:
+            await trio.to_thread.run_sync(actor.close_blocking)
+
+        def unlink() -> bool:
+            existed = False
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    os.unlink(actor.path + suffix)
+                    existed = existed or suffix == ""
+                except FileNotFoundError:
+                    pass
+            if existed:
+                fd = os.open(os.path.dirname(actor.path), os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            return existed
+
+        return await trio.to_thread.run_sync(unlink)
+
+    async def _export_file(self, actor: Actor) -> str:
+        if actor.conn is None:
+            actor.open(create=False)
+        fd, dest = tempfile.mkstemp(prefix="shardlite-export-", suffix=".db")
+        os.close(fd)
+        try:
+            await trio.to_thread.run_sync(actor.export_blocking, dest)
+        except BaseException:
+            os.unlink(dest)
+            raise
+        return dest
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _run_runner(self) -> None:
+        while True:
+            await self._runner_wake.wait()
+            self._runner_wake = trio.Event()
+            while self._ready:
+                self.run_ready()
+                await trio.lowlevel.checkpoint()
+
+    async def _run_reaper(self) -> None:
+        interval = min(self.config.idle_timeout_s / 2, REAP_INTERVAL_MAX_S)
+        while True:
+            await trio.sleep(interval)
+            cutoff = trio.current_time() - self.config.idle_timeout_s
+            for actor in list(self._actors.values()):
+                if actor.last_used > cutoff:
+                    break
+                if actor.state is State.OPEN and actor.idle:
+                    self._spawn_close(actor)
+                elif actor.state is State.CLOSED:
+                    self._forget(actor)
+
+    async def aclose(self) -> None:
+        """Stop taking calls, run what is queued, release every reply, close every file."""
+        self.closing = True
+        with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_S) as scope:
+            while True:
+                self.run_ready()
+                busy = [a for a in self._actors.values() if not a.idle]
+                if not busy and not self._ready:
+                    break
+                await trio.sleep(0.001)
+            for actor in list(self._actors.values()):
+                if actor.state is State.OPEN:
+                    actor.state = State.BUSY
+                    await self._close(actor)
+        if scope.cancelled_caught:
+            log.error("actor pool: drain did not finish within %.0f s", DRAIN_TIMEOUT_S)
+        for actor in list(self._actors.values()):
+            while actor.mailbox:
+                call = actor.mailbox.popleft()
+                call.sink.deliver(
+                    call.tag, Unavailable("the server shut down before this call ran")
+                )
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "actors_known": len(self._actors),
+            "actors_open": self._open,
+            "ready": len(self._ready),
+            "opened": self.opened,
+            "evicted": self.evicted,
+            "checkpoints": self.checkpoints,
+            "overloaded": self.overloaded,
+            "batches": self.batches,
+            "calls": self.calls,
+            "durability": self.durability.statistics(),
+        }
+
+
+def _open_error(actor: Actor, exc: BaseException) -> Error:
+    if isinstance(exc, apsw.Error):
+        err = _map_error(exc, None)
+        if err.code == "internal":
+            return Internal(f"cannot open actor {actor.key!r}: {exc}")
+        return err
+    return Internal(f"cannot open actor {actor.key!r}: {exc}")
+
+
+@asynccontextmanager
+async def open_actor_pool(
+    config: ActorConfig,
+    locate: Callable[[str], str],
+    durability: OsDurability | FsyncDurability | None = None,
+) -> AsyncIterator[ActorPool]:
+    """Run an :class:`ActorPool` with its background tasks; drain and close it on exit."""
+    pool = ActorPool(config, locate, durability)
+    async with trio.open_nursery() as nursery:
+        pool._nursery = nursery
+        await nursery.start(pool.durability.run)
+        nursery.start_soon(pool._run_runner)
+        nursery.start_soon(pool._run_reaper)
+        try:
+            yield pool
+        finally:
+            await pool.aclose()
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["ActorPool", "Delivery", "Sink", "Waiter", "open_actor_pool"]

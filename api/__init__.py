@@ -1,0 +1,70 @@
+"""shardlite: Durable Objects for Python, on SQLite.
+
+    import shardlite
+    with shardlite.connect("rpc://127.0.0.1:7070") as client:
+        client.actor("tenant-1").sql("SELECT 1").rows
+
+Errors raised by the client and the server are :class:`shardlite.Error` subclasses with
+``code``, ``message`` and ``retryable``.
+"""
+
+from shardlite.actor import (
+    BadRequest,
+    Constraint,
+    Error,
+    Forbidden,
+    Internal,
+    MethodNotAllowed,
+    Moved,
+    NotFound,
+    Overloaded,
+    QuotaExceeded,
+    SqlError,
+    SqlResult,
+    Statement,
+    Timeout,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+    WrongShard,
+)
+from shardlite.router import (
+    Actor,
+    AsyncActor,
+    AsyncClient,
+    Client,
+    ConnectionLost,
+    connect,
+    connect_async,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Actor",
+    "AsyncActor",
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "ConnectionLost",
+    "Constraint",
+    "Error",
+    "Forbidden",
+    "Internal",
+    "MethodNotAllowed",
+    "Moved",
+    "NotFound",
+    "Overloaded",
+    "QuotaExceeded",
+    "SqlError",
+    "SqlResult",
+    "Statement",
+    "Timeout",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "WrongShard",
+    "__version__",
+    "connect",
+    "connect_async",
+]

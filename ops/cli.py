@@ -1,0 +1,121 @@
+"""The ``shardlite`` command line (click): serve, sql, settings, version."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import msgspec
+import trio
+from shardlite.shards import SETTINGS, ServerInfo, run_server, settings_from, settings_markdown
+
+from ._output import print_result
+
+
+def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """One click option per row of the settings table, each also read from SHARDLITE_*."""
+    for setting in reversed(SETTINGS):
+        help_text = f"{setting.help} [default: {setting.default}; env: {setting.envvar}]"
+        fn = click.option(
+            setting.flag,
+            setting.name,
+            envvar=setting.envvar,
+            default=None,
+            metavar=setting.kind.upper(),
+            type=click.Choice(setting.choices) if setting.choices else str,
+            help=help_text,
+        )(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="shardlite")
+def main() -> None:
+    """shardlite: one SQLite file per actor key, served by single-threaded actors."""
+
+
+@main.command()
+@_settings_options
+def serve(**values: Any) -> None:
+    """Run a shard server on the embedded default (HTTP :8080, RPC :7070)."""
+    try:
+        settings = settings_from(values)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            info: ServerInfo = await nursery.start(run_server, settings)
+            click.echo(
+                f"shardlite serving {info.http_url} and {info.rpc_url} "
+                f"(data {info.data}, durability {info.durability}, "
+                f"up to {info.max_open_actors} open actors); Ctrl-C to stop",
+            )
+            sys.stdout.flush()
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve: {exc}") from None
+    click.echo("shardlite stopped")
+
+
+@main.command()
+@click.argument("key")
+@click.argument("sql")
+@click.argument("params", nargs=-1)
+@click.option(
+    "--url",
+    envvar="SHARDLITE_URL",
+    default="rpc://127.0.0.1:7070",
+    show_default=True,
+    help="Server to talk to (rpc:// or http://).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sql(key: str, sql: str, params: tuple[str, ...], url: str, as_json: bool) -> None:
+    """Run one SQL statement on actor KEY and print the result.
+
+    PARAMS bind to ? placeholders; each is parsed as JSON when it can be (42, null,
+    "text"), else taken as a string.
+    """
+    import shardlite
+
+    values = [_param(p) for p in params]
+    try:
+        with shardlite.connect(url) as client:
+            result = client.actor(key).sql(sql, values)
+    except shardlite.Error as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    print_result(result, as_json)
+
+
+def _param(text: str) -> Any:
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print the table as Markdown (docs/settings.md).")
+def settings(markdown: bool) -> None:
+    """List every server setting, its flag, environment variable and default."""
+    if markdown:
+        click.echo(settings_markdown(), nl=False)
+        return
+    for s in SETTINGS:
+        click.echo(f"{s.flag:24} {s.envvar:34} {s.default!s:18} {s.help}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The async Python client, for trio and asyncio (through anyio).
+
+``async with shardlite.connect_async("rpc://127.0.0.1:7070") as client: ...``
+Over RPC one connection carries any number of concurrent requests (pipelined, matched
+by id), so many tasks can share one client.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import msgspec
+from shardlite.actor import (
+    Batch,
+    KvDelete,
+    KvGet,
+    KvList,
+    KvPut,
+    KvValue,
+    NotFound,
+    SqlResult,
+    Statement,
+)
+
+from . import _protocol as proto
+from . import _wire as wire
+
+
+class _Pending:
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.response: wire.Response | None = None
+
+
+class AsyncRpcTransport:
+    def __init__(self, target: proto.Target, timeout: float) -> None:
+        self._target = target
+        self._timeout = timeout
+        self._stream: anyio.abc.SocketStream | None = None
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._send_lock = anyio.Lock()
+        self._broken: BaseException | None = None
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        with anyio.fail_after(self._timeout):
+            self._stream = await anyio.connect_tcp(self._target.host, self._target.port)
+        tg.start_soon(self._read_loop)
+
+    async def _read_loop(self) -> None:
+        assert self._stream is not None
+        reader = wire.FrameReader(1 << 31)
+        try:
+            while True:
+                chunk = await self._stream.receive(1 << 20)
+                for payload in reader.feed(chunk):
+                    response = wire.response_decoder.decode(payload)
+                    if response.id == wire.CONNECTION_ERROR_ID:
+                        self._fail_all(proto.error_from_dict(msgspec.msgpack.decode(response.body)))
+                        return
+                    pending = self._pending.pop(response.id, None)
+                    if pending is not None:
+                        pending.response = response
+                        pending.event.set()
+        except (
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            OSError,
+        ) as exc:
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._broken = exc
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            p.event.set()
+
+    async def request(self, key: str, op: wire.WireOp) -> Any:
+        if self._broken is not None or self._stream is None:
+            raise proto.ConnectionLost(
+                f"connection to {self._target.base_url} is closed ({self._broken})"
+            )
+        req_id = next(self._ids)
+        pending = _Pending()
+        self._pending[req_id] = pending
+        async with self._send_lock:
+            await self._stream.send(wire.request_frame(req_id, key, op))
+        with anyio.fail_after(self._timeout):
+            await pending.event.wait()
+        response = pending.response
+        if response is None:
+            raise proto.ConnectionLost(
+                f"connection to {self._target.base_url} lost ({self._broken}); "
+                "the request may or may not have been applied"
+            )
+        return proto.decode_rpc_result(op, response.status, response.body)
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+class AsyncHttpTransport:
+    def __init__(self, target: proto.Target, timeout: float) -> None:
+        self._client = httpx.AsyncClient(base_url=target.base_url, timeout=timeout)
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        return None
+
+    async def request(self, key: str, op: wire.WireOp) -> Any:
+        method, path, body, query = proto.http_request(op, key)
+        headers = {"Accept": "application/msgpack"}
+        content = None
+        if body is not None or method in ("POST", "PUT"):
+            content = wire.encode(body)
+            headers["Content-Type"] = "application/msgpack"
+        response = await self._client.request(
+            method, path, content=content, params=query, headers=headers
+        )
+        return proto.decode_http_result(
+            op, response.status_code, response.headers.get("content-type", ""), response.content
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class AsyncKv:
+    def __init__(self, actor: AsyncActor) -> None:
+        self._actor = actor
+
+    async def get(self, name: str, default: Any = None) -> Any:
+        try:
+            result: KvValue = await self._actor._request(KvGet(name))
+        except NotFound:
+            return default
+        return result.value
+
+    async def put(self, name: str, value: Any) -> None:
+        await self._actor._request(KvPut(name, value))
+
+    async def delete(self, name: str) -> bool:
+        deleted: bool = (await self._actor._request(KvDelete(name))).deleted
+        return deleted
+
+    async def list(
+        self, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[tuple[str, Any]]:
+        items: list[tuple[str, Any]] = (
+            await self._actor._request(KvList(prefix, limit, after))
+        ).items
+        return items
+
+
+class AsyncActor:
+    def __init__(self, client: AsyncClient, key: str) -> None:
+        self.key = key
+        self._client = client
+        self.kv = AsyncKv(self)
+
+    async def _request(self, op: wire.WireOp) -> Any:
+        return await self._client._transport.request(self.key, op)
+
+    async def sql(self, sql: str, params: Any = None) -> SqlResult:
+        result: SqlResult = await self._request(proto.sql_op(sql, params))
+        return result
+
+    async def batch(
+        self, statements: Iterable[str | tuple[str, Any] | Statement]
+    ) -> list[SqlResult]:
+        results: list[SqlResult] = (
+            await self._request(Batch(proto.statements_of(statements)))
+        ).results
+        return results
+
+    async def export(self) -> bytes:
+        data: bytes = (await self._request(wire.Export())).data
+        return data
+
+    async def delete(self) -> bool:
+        deleted: bool = (await self._request(wire.Delete())).deleted
+        return deleted
+
+
+class AsyncClient:
+    """Use as ``async with connect_async(url) as client``."""
+
+    def __init__(self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S) -> None:
+        self.target = proto.parse_url(url)
+        self._transport: AsyncRpcTransport | AsyncHttpTransport
+        if self.target.scheme == "rpc":
+            self._transport = AsyncRpcTransport(self.target, timeout)
+        else:
+            self._transport = AsyncHttpTransport(self.target, timeout)
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    def actor(self, key: str) -> AsyncActor:
+        return AsyncActor(self, key)
+
+    async def __aenter__(self) -> AsyncClient:
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        try:
+            await self._transport.start(self._tg)
+        except BaseException as exc:
+            self._tg.cancel_scope.cancel()
+            await self._tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._transport.aclose()
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(*exc)
+
+
+def connect_async(
+    url: str = "rpc://127.0.0.1:7070", *, timeout: float = proto.DEFAULT_TIMEOUT_S
+) -> AsyncClient:
+    """An async client for trio or asyncio; enter it with ``async with``."""
+    return AsyncClient(url, timeout)

@@ -1,0 +1,211 @@
+"""The synchronous Python client: ``shardlite.connect("rpc://127.0.0.1:7070")``."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import httpx
+import msgspec
+from shardlite.actor import (
+    Batch,
+    KvDelete,
+    KvGet,
+    KvList,
+    KvPut,
+    KvValue,
+    NotFound,
+    SqlResult,
+    Statement,
+)
+
+from . import _protocol as proto
+from . import _wire as wire
+
+
+class RpcTransport:
+    """One TCP connection, one request at a time (a lock makes it thread-safe)."""
+
+    def __init__(self, target: proto.Target, timeout: float) -> None:
+        self._target = target
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._reader = wire.FrameReader(1 << 31)
+        self._frames: list[bytes] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection((self._target.host, self._target.port), self._timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = wire.FrameReader(1 << 31)
+        self._frames = []
+        return sock
+
+    def request(self, key: str, op: wire.WireOp) -> Any:
+        with self._lock:
+            req_id = next(self._ids)
+            data = wire.request_frame(req_id, key, op)
+            if self._sock is None:
+                self._sock = self._connect()
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                # nothing was read by the server from a dead connection: reconnect, resend once
+                self._drop()
+                self._sock = self._connect()
+                self._sock.sendall(data)
+            try:
+                response = self._receive(req_id)
+            except (OSError, msgspec.DecodeError) as exc:
+                self._drop()
+                raise proto.ConnectionLost(
+                    f"connection to {self._target.base_url} lost while waiting for a reply ({exc}); "
+                    "the request may or may not have been applied"
+                ) from None
+        return proto.decode_rpc_result(op, response.status, response.body)
+
+    def _receive(self, req_id: int) -> wire.Response:
+        assert self._sock is not None
+        while True:
+            while self._frames:
+                response = wire.response_decoder.decode(self._frames.pop(0))
+                if response.id == req_id:
+                    return response
+                if response.id == wire.CONNECTION_ERROR_ID:
+                    return response
+            chunk = self._sock.recv(1 << 20)
+            if not chunk:
+                raise ConnectionResetError("the server closed the connection")
+            self._frames.extend(self._reader.feed(chunk))
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+class HttpTransport:
+    """HTTP/1.1 with msgpack bodies, through httpx."""
+
+    def __init__(self, target: proto.Target, timeout: float) -> None:
+        self._client = httpx.Client(base_url=target.base_url, timeout=timeout)
+
+    def request(self, key: str, op: wire.WireOp) -> Any:
+        method, path, body, query = proto.http_request(op, key)
+        headers = {"Accept": "application/msgpack"}
+        content = None
+        if body is not None or method in ("POST", "PUT"):
+            content = wire.encode(body)
+            headers["Content-Type"] = "application/msgpack"
+        response = self._client.request(
+            method, path, content=content, params=query, headers=headers
+        )
+        return proto.decode_http_result(
+            op, response.status_code, response.headers.get("content-type", ""), response.content
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class Kv:
+    """The actor's key-value API (stored in a hidden table of its own file)."""
+
+    def __init__(self, actor: Actor) -> None:
+        self._actor = actor
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The value stored under ``name``, or ``default`` if there is none."""
+        try:
+            result: KvValue = self._actor._request(KvGet(name))
+        except NotFound:
+            return default
+        return result.value
+
+    def put(self, name: str, value: Any) -> None:
+        self._actor._request(KvPut(name, value))
+
+    def delete(self, name: str) -> bool:
+        deleted: bool = self._actor._request(KvDelete(name)).deleted
+        return deleted
+
+    def list(
+        self, prefix: str = "", limit: int = 100, after: str | None = None
+    ) -> list[tuple[str, Any]]:
+        """Entries whose name starts with ``prefix``, in name order, after ``after``."""
+        items: list[tuple[str, Any]] = self._actor._request(KvList(prefix, limit, after)).items
+        return items
+
+
+class Actor:
+    """A handle on one actor key; cheap to create, holds no connection of its own."""
+
+    def __init__(self, client: Client, key: str) -> None:
+        self.key = key
+        self._client = client
+        self.kv = Kv(self)
+
+    def _request(self, op: wire.WireOp) -> Any:
+        return self._client._transport.request(self.key, op)
+
+    def sql(self, sql: str, params: Any = None) -> SqlResult:
+        """Run one statement; params are a sequence (``?``) or a mapping (``:name``)."""
+        result: SqlResult = self._request(proto.sql_op(sql, params))
+        return result
+
+    def batch(self, statements: Iterable[str | tuple[str, Any] | Statement]) -> list[SqlResult]:
+        """Run several statements atomically; returns one result per statement."""
+        results: list[SqlResult] = self._request(Batch(proto.statements_of(statements))).results
+        return results
+
+    def export(self, path: str | None = None) -> bytes:
+        """A consistent copy of the actor's SQLite file (also written to ``path`` if given)."""
+        data: bytes = self._request(wire.Export()).data
+        if path is not None:
+            with open(path, "wb") as f:
+                f.write(data)
+        return data
+
+    def delete(self) -> bool:
+        """Remove the actor and its file; True if it existed."""
+        deleted: bool = self._request(wire.Delete()).deleted
+        return deleted
+
+
+class Client:
+    """A connection to a shardlite server. Use as a context manager, or call close()."""
+
+    def __init__(self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S) -> None:
+        self.target = proto.parse_url(url)
+        self._transport: RpcTransport | HttpTransport
+        if self.target.scheme == "rpc":
+            self._transport = RpcTransport(self.target, timeout)
+        else:
+            self._transport = HttpTransport(self.target, timeout)
+
+    def actor(self, key: str) -> Actor:
+        return Actor(self, key)
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    url: str = "rpc://127.0.0.1:7070", *, timeout: float = proto.DEFAULT_TIMEOUT_S
+) -> Client:
+    """Connect to a shardlite server over RPC (``rpc://``) or HTTP (``http://``)."""
+    return Client(url, timeout)

@@ -1,0 +1,159 @@
+"""What the sync and async clients share: building operations, reading results.
+
+The clients (``_client.py``, ``_aclient.py``) are thin: each call builds a wire
+operation here, sends it through a transport (RPC frames or HTTP) and turns the reply
+into the documented Python value here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import msgspec
+from shardlite.actor import (
+    Batch,
+    BatchResult,
+    Deleted,
+    Error,
+    KvDelete,
+    KvGet,
+    KvItems,
+    KvList,
+    KvOk,
+    KvPut,
+    KvValue,
+    Params,
+    Sql,
+    SqlResult,
+    Statement,
+    Unavailable,
+    error_from_dict,
+)
+
+from . import _wire as wire
+
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RPC_PORT = 7070
+DEFAULT_HTTP_PORT = 8080
+
+
+class ConnectionLost(Unavailable):
+    """The connection broke while a request was in flight: it may or may not have run."""
+
+
+class Target(msgspec.Struct, frozen=True):
+    scheme: str  # "rpc" | "http" | "https"
+    host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def parse_url(url: str) -> Target:
+    """``rpc://host:port`` or ``http(s)://host:port``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("rpc", "http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r}: expected rpc://HOST:PORT or http://HOST:PORT")
+    default = DEFAULT_RPC_PORT if parts.scheme == "rpc" else DEFAULT_HTTP_PORT
+    return Target(parts.scheme, parts.hostname, parts.port or default)
+
+
+def statements_of(items: Iterable[Any]) -> list[Statement]:
+    """Accept ``"SQL"``, ``("SQL", params)`` or :class:`Statement` items."""
+    out = []
+    for item in items:
+        if isinstance(item, Statement):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(Statement(item))
+        else:
+            sql, params = item
+            out.append(Statement(sql, _params(params)))
+    return out
+
+
+def _params(params: Any) -> Params:
+    if params is None or isinstance(params, (list, dict)):
+        return params
+    return list(params)
+
+
+def sql_op(sql: str, params: Any = None) -> Sql:
+    return Sql(sql, _params(params))
+
+
+def decode_rpc_result(op: wire.WireOp, status: int, body: msgspec.Raw) -> Any:
+    if status != wire.STATUS_OK:
+        raise error_from_dict(msgspec.msgpack.decode(body))
+    return msgspec.msgpack.decode(body, type=wire.RESULT_TYPES[type(op)])
+
+
+# ------------------------------------------------------------------ HTTP mapping
+
+
+def http_request(op: wire.WireOp, key: str) -> tuple[str, str, Any, dict[str, Any] | None]:
+    """(method, path, msgpack body or None, query) for an operation over HTTP."""
+    base = f"/v1/actors/{quote(key, safe='')}"
+    if isinstance(op, Sql):
+        return "POST", base + "/sql", {"sql": op.sql, "params": op.params}, None
+    if isinstance(op, Batch):
+        stmts = [{"sql": s.sql, "params": s.params} for s in op.statements]
+        return "POST", base + "/batch", {"statements": stmts}, None
+    if isinstance(op, KvGet):
+        return "GET", f"{base}/kv/{quote(op.name, safe='')}", None, None
+    if isinstance(op, KvPut):
+        return "PUT", f"{base}/kv/{quote(op.name, safe='')}", op.value, None
+    if isinstance(op, KvDelete):
+        return "DELETE", f"{base}/kv/{quote(op.name, safe='')}", None, None
+    if isinstance(op, KvList):
+        query: dict[str, Any] = {"prefix": op.prefix, "limit": op.limit}
+        if op.after is not None:
+            query["after"] = op.after
+        return "GET", base + "/kv", None, query
+    if isinstance(op, wire.Delete):
+        return "DELETE", base, None, None
+    if isinstance(op, wire.Export):
+        return "GET", base + "/export", None, None
+    raise TypeError(f"{type(op).__name__} is not supported over HTTP")
+
+
+def decode_http_result(op: wire.WireOp, status: int, content_type: str, body: bytes) -> Any:
+    if status >= 400:
+        try:
+            data = (
+                msgspec.msgpack.decode(body)
+                if "msgpack" in content_type
+                else msgspec.json.decode(body)
+            )
+            raise error_from_dict(data["error"])
+        except (msgspec.DecodeError, KeyError, TypeError):
+            raise Error(f"HTTP {status}: {body[:200]!r}") from None
+    if isinstance(op, wire.Export):
+        return wire.ExportResult(body)
+    data = msgspec.msgpack.decode(body)
+    if isinstance(op, Sql):
+        return _sql_result(data)
+    if isinstance(op, Batch):
+        return BatchResult([_sql_result(r) for r in data["results"]])
+    if isinstance(op, KvGet):
+        return KvValue(data)
+    if isinstance(op, KvPut):
+        return KvOk()
+    if isinstance(op, (KvDelete, wire.Delete)):
+        return Deleted(data["deleted"])
+    if isinstance(op, KvList):
+        return KvItems([(name, value) for name, value in data["items"]])
+    raise TypeError(f"unexpected operation {type(op).__name__}")
+
+
+def _sql_result(data: dict[str, Any]) -> SqlResult:
+    return SqlResult(
+        data["columns"],
+        [tuple(row) for row in data["rows"]],
+        data["changes"],
+        data["last_insert_rowid"],
+    )

@@ -1,0 +1,161 @@
+"""The RPC wire format: length-prefixed msgpack frames (documented in docs/rpc.md).
+
+Every frame is a 4-byte big-endian length followed by that many bytes of msgpack.
+Requests are ``[id, key, op]``; responses ``[id, status, body]``, matched by ``id`` (the
+client's choice: any unsigned 64-bit integer; the server answers in completion order, not
+request order). ``status`` 0 means ``body`` is the result, 1 that it is an error object.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import msgspec
+from shardlite.actor import (
+    Batch,
+    BatchResult,
+    Deleted,
+    Error,
+    KvDelete,
+    KvGet,
+    KvItems,
+    KvList,
+    KvOk,
+    KvPut,
+    KvValue,
+    Sql,
+    SqlResult,
+)
+
+HEADER_BYTES = 4
+DEFAULT_MAX_FRAME_BYTES = 8 << 20
+STATUS_OK = 0
+STATUS_ERROR = 1
+CONNECTION_ERROR_ID = 0
+"""Id of an error frame that concerns the connection, not one request."""
+
+
+class Delete(msgspec.Struct, tag="delete", array_like=True, frozen=True):
+    """Remove the actor and its file."""
+
+
+class Export(msgspec.Struct, tag="export", array_like=True, frozen=True):
+    """A consistent copy of the actor's SQLite file, as bytes."""
+
+
+class Ping(msgspec.Struct, tag="ping", array_like=True, frozen=True):
+    """Answered by the server without touching any actor (key is ignored)."""
+
+
+class Pong(msgspec.Struct, array_like=True):
+    server: str
+
+
+class ExportResult(msgspec.Struct, array_like=True):
+    data: bytes
+
+
+WireOp: TypeAlias = Sql | Batch | KvGet | KvPut | KvDelete | KvList | Delete | Export | Ping
+
+
+class Request(msgspec.Struct, array_like=True, frozen=True):
+    id: int
+    key: str
+    op: WireOp
+
+
+class Response(msgspec.Struct, array_like=True):
+    id: int
+    status: int
+    body: msgspec.Raw
+
+
+RESULT_TYPES: dict[type, type] = {
+    Sql: SqlResult,
+    Batch: BatchResult,
+    KvGet: KvValue,
+    KvPut: KvOk,
+    KvDelete: Deleted,
+    KvList: KvItems,
+    Delete: Deleted,
+    Export: ExportResult,
+    Ping: Pong,
+}
+
+
+def _reject_ext(code: int, data: memoryview) -> Any:
+    raise TypeError(f"msgpack extension type {code} is not supported")
+
+
+request_decoder = msgspec.msgpack.Decoder(Request, ext_hook=_reject_ext)
+response_decoder = msgspec.msgpack.Decoder(Response)
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+
+def frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(HEADER_BYTES, "big") + payload
+
+
+def ok_frame(req_id: int, result: Any) -> bytes:
+    payload = encode((req_id, STATUS_OK, result))
+    return len(payload).to_bytes(HEADER_BYTES, "big") + payload
+
+
+def error_frame(req_id: int, error: Error) -> bytes:
+    return frame(encode((req_id, STATUS_ERROR, error.to_dict())))
+
+
+def request_frame(req_id: int, key: str, op: WireOp) -> bytes:
+    return frame(encode((req_id, key, op)))
+
+
+def guess_id(payload: bytes | memoryview) -> int:
+    """Best effort: the id of a request that failed to decode, else CONNECTION_ERROR_ID."""
+    try:
+        raw = msgspec.msgpack.decode(payload)
+    except (msgspec.DecodeError, RecursionError, TypeError, ValueError):
+        return CONNECTION_ERROR_ID
+    if isinstance(raw, list) and raw and type(raw[0]) is int and 0 < raw[0] < 1 << 64:
+        return raw[0]
+    return CONNECTION_ERROR_ID
+
+
+class FrameReader:
+    """Splits a byte stream into frames; ``feed`` returns the complete payloads."""
+
+    __slots__ = ("_buf", "max_frame")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self.max_frame = max_frame
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf
+        buf += data
+        out = []
+        pos = 0
+        n = len(buf)
+        while n - pos >= HEADER_BYTES:
+            size = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
+            if size > self.max_frame:
+                raise FrameTooLarge(size, self.max_frame)
+            end = pos + HEADER_BYTES + size
+            if end > n:
+                break
+            out.append(bytes(buf[pos + HEADER_BYTES : end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+class FrameTooLarge(Exception):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes is over the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit

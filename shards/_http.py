@@ -1,0 +1,250 @@
+"""The HTTP API (quart-trio on hypercorn): the paths of CONTRACT.md, one error shape.
+
+Handlers decode the body, hand one call to the actor pool and wait for its (durable)
+result. Every error, Quart's own included (404, 405, 413, 408), leaves as
+``{"error": {"code", "message", "retryable"}}`` with the status that fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import apsw
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from quart import Response, request
+from quart_trio import QuartTrio
+from shardlite.actor import (
+    ActorPool,
+    BadRequest,
+    Batch,
+    Error,
+    Internal,
+    KvDelete,
+    KvGet,
+    KvList,
+    KvPut,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    Sql,
+    TooLarge,
+    validate_key,
+)
+from werkzeug.exceptions import HTTPException
+
+from . import _codec as codec
+from ._metrics import Metrics
+from ._settings import Settings
+
+log = logging.getLogger("shardlite.http")
+
+EXPORT_CHUNK_BYTES = 1 << 20
+
+
+class RequestTimeout(Error):
+    """The request body did not arrive in time."""
+
+    code = "request_timeout"
+    status = 408
+    retryable = True
+
+
+def _wants_msgpack() -> bool:
+    if codec.is_msgpack(request.headers.get("Content-Type")):
+        return True
+    accept = request.headers.get("Accept", "")
+    return any(t in accept for t in codec.MSGPACK_TYPES)
+
+
+def _respond(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    if _wants_msgpack():
+        return Response(
+            codec.msgpack_encode(body), status, headers, content_type="application/msgpack"
+        )
+    return Response(codec.json_encode(body), status, headers, content_type="application/json")
+
+
+def _error_response(error: Error) -> Response:
+    headers = {}
+    if isinstance(error, Overloaded):
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    return _respond(codec.error_body(error), error.status, headers)
+
+
+def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTrio:
+    """The quart-trio app serving ``pool``."""
+    app = QuartTrio("shardlite")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["BODY_TIMEOUT"] = settings.body_timeout
+    app.config["RESPONSE_TIMEOUT"] = max(60.0, settings.statement_timeout * 10)
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    data_dir = settings.data
+
+    async def body() -> bytes:
+        try:
+            data: bytes = await request.get_data(cache=False)
+        except HTTPException as exc:
+            raise _http_error(exc) from None
+        return data
+
+    def key_of(key: str) -> str:
+        return validate_key(key)
+
+    @app.before_request
+    async def _start_timer() -> None:
+        request.start_time = time.perf_counter()  # type: ignore[attr-defined]
+
+    @app.after_request
+    async def _count(response: Response) -> Response:
+        rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http_requests.labels(rule, request.method, str(response.status_code)).inc()
+        start = getattr(request, "start_time", None)
+        if start is not None:
+            metrics.http_duration.labels(rule).observe(time.perf_counter() - start)
+        return response
+
+    @app.errorhandler(Error)
+    async def _on_error(error: Error) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def _on_http_error(exc: HTTPException) -> Response:
+        return _error_response(_http_error(exc))
+
+    @app.errorhandler(Exception)
+    async def _on_bug(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error_response(Internal("unexpected server error; see the server log"))
+
+    @app.route("/v1/actors/<key>/sql", methods=["POST"])
+    async def sql(key: str) -> Response:
+        stmt = codec.decode_sql(await body(), codec.is_msgpack(request.content_type))
+        result = await pool.call(key_of(key), Sql(stmt.sql, stmt.params))
+        return _respond(codec.result_body(result, _wants_msgpack()))
+
+    @app.route("/v1/actors/<key>/batch", methods=["POST"])
+    async def batch(key: str) -> Response:
+        stmts = codec.decode_batch(await body(), codec.is_msgpack(request.content_type))
+        result = await pool.call(key_of(key), Batch(stmts))
+        return _respond(codec.result_body(result, _wants_msgpack()))
+
+    @app.route("/v1/actors/<key>/kv", methods=["GET"])
+    async def kv_list(key: str) -> Response:
+        args = request.args
+        try:
+            limit = int(args.get("limit", "100"))
+        except ValueError:
+            raise BadRequest(f"limit must be an integer, got {args.get('limit')!r}") from None
+        op = KvList(args.get("prefix", ""), limit, args.get("after"))
+        result = await pool.call(key_of(key), op)
+        return _respond(codec.result_body(result, _wants_msgpack()))
+
+    @app.route("/v1/actors/<key>/kv/<path:name>", methods=["GET"])
+    async def kv_get(key: str, name: str) -> Response:
+        result = await pool.call(key_of(key), KvGet(name))
+        return _respond(result.value if _wants_msgpack() else codec.blobs_out(result.value))
+
+    @app.route("/v1/actors/<key>/kv/<path:name>", methods=["PUT"])
+    async def kv_put(key: str, name: str) -> Response:
+        value = codec.decode_value(await body(), codec.is_msgpack(request.content_type))
+        result = await pool.call(key_of(key), KvPut(name, value))
+        return _respond(codec.result_body(result, _wants_msgpack()))
+
+    @app.route("/v1/actors/<key>/kv/<path:name>", methods=["DELETE"])
+    async def kv_delete(key: str, name: str) -> Response:
+        result = await pool.call(key_of(key), KvDelete(name))
+        return _respond(codec.result_body(result, _wants_msgpack()))
+
+    @app.route("/v1/actors/<key>/call/<method>", methods=["POST"])
+    async def call(key: str, method: str) -> Response:
+        key_of(key)
+        raise NotFound(
+            f"no actor class serves {key!r}, so it has no method {method!r} "
+            "(actor classes are configured with `shardlite serve --app MODULE:CLASS`)"
+        )
+
+    @app.route("/v1/actors/<key>/export", methods=["GET"])
+    async def export(key: str) -> Response:
+        path = await pool.export(key_of(key))
+        headers = {
+            "Content-Disposition": f'attachment; filename="{_download_name(key)}"',
+            "Content-Length": str((await trio.Path(path).stat()).st_size),
+        }
+        return Response(
+            _stream_and_remove(path), 200, headers, content_type="application/vnd.sqlite3"
+        )
+
+    @app.route("/v1/actors/<key>", methods=["DELETE"])
+    async def delete(key: str) -> Response:
+        deleted = await pool.delete(key_of(key))
+        return _respond({"deleted": deleted})
+
+    @app.route("/livez", methods=["GET"])
+    async def livez() -> Response:
+        return _respond({"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"])
+    async def readyz() -> Response:
+        checks = {
+            "accepting": not pool.closing,
+            "data_dir_writable": os.access(data_dir, os.W_OK),
+            "sqlite": _sqlite_ok(),
+        }
+        ok = all(checks.values())
+        return _respond(
+            {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+        )
+
+    @app.route("/metrics", methods=["GET"])
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), 200, content_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _http_error(exc: HTTPException) -> Error:
+    code = exc.code or 500
+    if code == 404:
+        return NotFound(
+            f"no such path: {request.method} {request.path} (see CONTRACT.md for the API)"
+        )
+    if code == 405:
+        allowed = ", ".join(sorted(getattr(exc, "valid_methods", None) or []))
+        return MethodNotAllowed(
+            f"{request.method} is not allowed on {request.path}; allowed: {allowed}"
+        )
+    if code == 413:
+        return TooLarge(f"the request body is over the limit of {request.max_content_length} bytes")
+    if code == 408:
+        return RequestTimeout("the request body did not arrive in time")
+    if 400 <= code < 500:
+        return BadRequest(exc.description or "bad request")
+    return Internal(exc.description or "server error")
+
+
+def _sqlite_ok() -> bool:
+    try:
+        with apsw.Connection(":memory:") as conn:
+            return bool(conn.execute("SELECT 1").fetchall() == [(1,)])
+    except apsw.Error:
+        return False
+
+
+def _download_name(key: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in key)
+    return f"{safe}.db"
+
+
+async def _stream_and_remove(path: str) -> AsyncIterator[bytes]:
+    try:
+        async with await trio.open_file(path, "rb") as f:
+            while chunk := await f.read(EXPORT_CHUNK_BYTES):
+                yield chunk
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(os.unlink, path)

@@ -1,0 +1,124 @@
+"""Prometheus metrics of one shard server (no per-key labels: keys are unbounded)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import apsw
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from shardlite.actor import ActorPool
+
+_LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Metrics:
+    """The registry and the instruments the HTTP and RPC servers update."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series only add noise to every scrape
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "shardlite_http_requests",
+            "HTTP requests served.",
+            ["route", "method", "code"],
+            registry=r,
+        )
+        self.http_duration = Histogram(
+            "shardlite_http_request_duration_seconds",
+            "HTTP request latency.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.rpc_requests = Counter(
+            "shardlite_rpc_requests",
+            "RPC request frames received.",
+            registry=r,
+        )
+        self.rpc_connections = Gauge(
+            "shardlite_rpc_connections",
+            "Open RPC connections.",
+            registry=r,
+        )
+        Gauge(
+            "shardlite_build_info",
+            "Versions of shardlite and its SQLite.",
+            ["sqlite", "apsw"],
+            registry=r,
+        ).labels(apsw.sqlite_lib_version(), apsw.apsw_version()).set(1)
+
+    def watch_pool(self, pool: ActorPool) -> None:
+        """Export the pool's statistics() at scrape time."""
+        self.registry.register(_PoolCollector(pool.statistics))
+
+
+class _PoolCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        s = self._stats()
+        yield GaugeMetricFamily(
+            "shardlite_actors_open", "Actors with an open SQLite file.", s["actors_open"]
+        )
+        yield GaugeMetricFamily(
+            "shardlite_actors_known",
+            "Actors in memory (open, closing or queued).",
+            s["actors_known"],
+        )
+        yield CounterMetricFamily(
+            "shardlite_actor_opens", "Actor files opened (cold starts).", s["opened"]
+        )
+        yield CounterMetricFamily(
+            "shardlite_actor_evictions",
+            "Actors closed to stay under the open-actor cap.",
+            s["evicted"],
+        )
+        yield CounterMetricFamily(
+            "shardlite_actor_checkpoints", "WAL checkpoints run.", s["checkpoints"]
+        )
+        yield CounterMetricFamily(
+            "shardlite_actor_overloaded",
+            "Calls refused because a mailbox was full.",
+            s["overloaded"],
+        )
+        yield CounterMetricFamily(
+            "shardlite_actor_batches", "Transactions (group commits) run.", s["batches"]
+        )
+        yield CounterMetricFamily(
+            "shardlite_actor_calls", "Calls run inside transactions.", s["calls"]
+        )
+        dur = s["durability"]
+        if dur.get("mode") == "fsync":
+            yield CounterMetricFamily("shardlite_fsync_rounds", "Flusher rounds.", dur["rounds"])
+            yield CounterMetricFamily(
+                "shardlite_fsync_files", "WAL files fdatasync'ed.", dur["syncs"]
+            )
+            yield CounterMetricFamily(
+                "shardlite_fsync_failures", "Failed fdatasyncs.", dur["failures"]
+            )

@@ -1,0 +1,293 @@
+"""Server settings: one table drives the CLI flags, the SHARDLITE_* variables and the docs.
+
+Each :class:`Setting` has a name (``max_db_bytes`` -> ``--max-db-bytes`` ->
+``SHARDLITE_MAX_DB_BYTES``), a default, a kind that says how its text is parsed
+(sizes take ``KiB``/``MiB``/``GiB``, durations ``ms``/``s``/``m``), and the help text.
+``docs/settings.md`` is generated from this table (``shardlite settings --markdown``) and
+a test checks that it is current.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from shardlite.actor import ActorConfig, Durability
+from shardlite.actor import _config as defaults
+
+DEFAULT_DATA_DIR = "./shardlite-data"
+DEFAULT_HTTP = "127.0.0.1:8080"
+DEFAULT_RPC = "127.0.0.1:7070"
+DEFAULT_MAX_REQUEST_BYTES = 8 << 20
+DEFAULT_BODY_TIMEOUT_S = 10.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+
+
+class Setting(msgspec.Struct, frozen=True):
+    name: str
+    default: Any
+    kind: str  # "str" | "int" | "size" | "duration" | "choice" | "addr"
+    help: str
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def envvar(self) -> str:
+        return "SHARDLITE_" + self.name.upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "data", DEFAULT_DATA_DIR, "str", "Data directory: actor files live under DATA/shards/."
+    ),
+    Setting(
+        "http", DEFAULT_HTTP, "addr", "HTTP listen address, HOST:PORT (port 0 picks a free one)."
+    ),
+    Setting("rpc", DEFAULT_RPC, "addr", "RPC listen address, HOST:PORT (port 0 picks a free one)."),
+    Setting(
+        "durability",
+        Durability.FSYNC.value,
+        "choice",
+        "When a write is acknowledged: fsync (survives power loss) or os (survives a "
+        "process crash, not a power cut).",
+        choices=tuple(d.value for d in Durability),
+    ),
+    Setting(
+        "statement_timeout",
+        defaults.DEFAULT_STATEMENT_TIMEOUT_S,
+        "duration",
+        "Time budget of one SQL statement; past it the statement is interrupted (504 timeout).",
+    ),
+    Setting(
+        "mailbox_size",
+        defaults.DEFAULT_MAILBOX_SIZE,
+        "int",
+        "Calls that may wait for one actor; past it callers get 503 overloaded.",
+    ),
+    Setting(
+        "max_batch",
+        defaults.DEFAULT_MAX_BATCH,
+        "int",
+        "Most calls one actor runs in one transaction (group commit).",
+    ),
+    Setting(
+        "max_open_actors",
+        defaults.DEFAULT_MAX_OPEN_ACTORS,
+        "int",
+        "Most actor files open at once in a process (LRU); capped by the file-descriptor limit.",
+    ),
+    Setting(
+        "idle_timeout",
+        defaults.DEFAULT_IDLE_TIMEOUT_S,
+        "duration",
+        "An actor idle this long is checkpointed and closed (passivated).",
+    ),
+    Setting(
+        "max_db_bytes",
+        defaults.DEFAULT_MAX_DB_BYTES,
+        "size",
+        "Size quota of one actor's database file (507 quota_exceeded past it).",
+    ),
+    Setting(
+        "max_value_bytes",
+        defaults.DEFAULT_MAX_VALUE_BYTES,
+        "size",
+        "Largest string, blob, row or KV value (SQLITE_LIMIT_LENGTH).",
+    ),
+    Setting("max_sql_bytes", defaults.DEFAULT_MAX_SQL_BYTES, "size", "Longest SQL statement text."),
+    Setting(
+        "max_result_bytes",
+        defaults.DEFAULT_MAX_RESULT_BYTES,
+        "size",
+        "Largest result of one statement (413 too_large past it).",
+    ),
+    Setting(
+        "max_request_bytes",
+        DEFAULT_MAX_REQUEST_BYTES,
+        "size",
+        "Largest HTTP body or RPC frame (413 too_large past it).",
+    ),
+    Setting(
+        "checkpoint_wal_bytes",
+        defaults.DEFAULT_CHECKPOINT_WAL_BYTES,
+        "size",
+        "An actor's WAL is checkpointed (off the event loop) once it grows past this.",
+    ),
+    Setting(
+        "fsync_threads",
+        defaults.DEFAULT_FSYNC_THREADS,
+        "int",
+        "Worker threads issuing fdatasyncs concurrently (durability=fsync).",
+    ),
+    Setting(
+        "body_timeout",
+        DEFAULT_BODY_TIMEOUT_S,
+        "duration",
+        "An HTTP request body must arrive within this time (408 past it).",
+    ),
+    Setting(
+        "shutdown_timeout",
+        DEFAULT_SHUTDOWN_TIMEOUT_S,
+        "duration",
+        "On SIGTERM, how long in-flight requests may take to finish.",
+    ),
+    Setting(
+        "log_level", "info", "choice", "Log level.", choices=("debug", "info", "warning", "error")
+    ),
+)
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 10**6,
+    "mb": 10**6,
+    "mib": 1 << 20,
+    "g": 10**9,
+    "gb": 10**9,
+    "gib": 1 << 30,
+}
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "us": 1e-6, "m": 60.0, "min": 60.0, "h": 3600.0}
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``"8MiB"`` -> 8388608; plain numbers are bytes."""
+    m = _NUMBER_UNIT.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _SIZE_UNITS:
+        raise ValueError(f"{text!r} is not a size (examples: 4096, 64KiB, 8MiB, 1GiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(text: str) -> float:
+    """``"500ms"`` -> 0.5; plain numbers are seconds."""
+    m = _NUMBER_UNIT.match(str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _DURATION_UNITS:
+        raise ValueError(f"{text!r} is not a duration (examples: 0.5, 500ms, 30s, 5m)")
+    return float(m.group(1)) * _DURATION_UNITS[unit]
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` -> ("127.0.0.1", 8080); IPv6 as ``[::1]:8080``."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    if not 0 <= int(port) < 65536:
+        raise ValueError(f"port {port} is out of range")
+    return host.strip("[]"), int(port)
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "size": parse_size,
+    "duration": parse_duration,
+    "choice": str,
+    "addr": parse_addr,
+}
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every server setting, parsed. Build with :func:`settings_from`."""
+
+    data: str = DEFAULT_DATA_DIR
+    http: tuple[str, int] = parse_addr(DEFAULT_HTTP)
+    rpc: tuple[str, int] = parse_addr(DEFAULT_RPC)
+    durability: str = Durability.FSYNC.value
+    statement_timeout: float = defaults.DEFAULT_STATEMENT_TIMEOUT_S
+    mailbox_size: int = defaults.DEFAULT_MAILBOX_SIZE
+    max_batch: int = defaults.DEFAULT_MAX_BATCH
+    max_open_actors: int = defaults.DEFAULT_MAX_OPEN_ACTORS
+    idle_timeout: float = defaults.DEFAULT_IDLE_TIMEOUT_S
+    max_db_bytes: int = defaults.DEFAULT_MAX_DB_BYTES
+    max_value_bytes: int = defaults.DEFAULT_MAX_VALUE_BYTES
+    max_sql_bytes: int = defaults.DEFAULT_MAX_SQL_BYTES
+    max_result_bytes: int = defaults.DEFAULT_MAX_RESULT_BYTES
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    checkpoint_wal_bytes: int = defaults.DEFAULT_CHECKPOINT_WAL_BYTES
+    fsync_threads: int = defaults.DEFAULT_FSYNC_THREADS
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    log_level: str = "info"
+
+    def actor_config(self, max_open_actors: int | None = None) -> ActorConfig:
+        return ActorConfig(
+            durability=Durability(self.durability),
+            statement_timeout_s=self.statement_timeout,
+            mailbox_size=self.mailbox_size,
+            max_batch=self.max_batch,
+            max_open_actors=max_open_actors or self.max_open_actors,
+            idle_timeout_s=self.idle_timeout,
+            max_db_bytes=self.max_db_bytes,
+            max_value_bytes=self.max_value_bytes,
+            max_sql_bytes=self.max_sql_bytes,
+            max_result_bytes=self.max_result_bytes,
+            checkpoint_wal_bytes=self.checkpoint_wal_bytes,
+            fsync_threads=self.fsync_threads,
+        )
+
+
+def parse_setting(setting: Setting, value: Any) -> Any:
+    """Parse one setting's text (or pass through an already typed value)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = _PARSERS[setting.kind](value)
+    except ValueError as exc:
+        raise ValueError(f"{setting.flag}: {exc}") from None
+    if setting.choices and parsed not in setting.choices:
+        raise ValueError(f"{setting.flag}: {value!r} is not one of {', '.join(setting.choices)}")
+    if setting.kind in ("int", "size") and parsed < 0:
+        raise ValueError(f"{setting.flag}: must not be negative")
+    return parsed
+
+
+def settings_from(values: dict[str, Any]) -> Settings:
+    """Build Settings from raw values (CLI/env text or typed), validating each."""
+    by_name = {s.name: s for s in SETTINGS}
+    parsed = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in by_name:
+            raise ValueError(f"unknown setting {name!r}")
+        parsed[name] = parse_setting(by_name[name], value)
+    return Settings(**parsed)
+
+
+def settings_markdown() -> str:
+    """The settings table as Markdown (docs/settings.md)."""
+    lines = [
+        "# shardlite serve: settings",
+        "",
+        "Generated from `shards/_settings.py` by `shardlite settings --markdown`; do not edit.",
+        "Every setting is a flag of `shardlite serve` and an environment variable.",
+        "",
+        "| flag | environment variable | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        default = s.default
+        if s.kind == "size":
+            default = _format_size(int(default))
+        elif s.kind == "duration":
+            default = f"{default:g}s"
+        choices = f" One of: {', '.join(s.choices)}." if s.choices else ""
+        lines.append(f"| `{s.flag}` | `{s.envvar}` | `{default}` | {s.help}{choices} |")
+    return "\n".join(lines) + "\n"
+
+
+def _format_size(n: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return str(n)
