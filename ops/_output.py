@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 from rich.console import Console
 from rich.table import Table
+
 from shardlite.actor import SqlResult
 
 

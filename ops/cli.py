@@ -10,6 +10,7 @@ from typing import Any
 import click
 import msgspec
 import trio
+
 from shardlite.shards import SETTINGS, ServerInfo, run_server, settings_from, settings_markdown
 
 from ._output import print_result

@@ -15,6 +15,7 @@ import anyio
 import anyio.abc
 import httpx
 import msgspec
+
 from shardlite.actor import (
     Batch,
     KvDelete,

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import msgspec
+
 from shardlite.actor import (
     Batch,
     KvDelete,

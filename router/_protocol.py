@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import msgspec
+
 from shardlite.actor import (
     Batch,
     BatchResult,

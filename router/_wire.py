@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 import msgspec
+
 from shardlite.actor import (
     Batch,
     BatchResult,

@@ -12,6 +12,7 @@ import binascii
 from typing import Any
 
 import msgspec
+
 from shardlite.actor import (
     BadRequest,
     BatchResult,

@@ -18,6 +18,8 @@ import trio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from quart import Response, request
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
 from shardlite.actor import (
     ActorPool,
     BadRequest,
@@ -35,7 +37,6 @@ from shardlite.actor import (
     TooLarge,
     validate_key,
 )
-from werkzeug.exceptions import HTTPException
 
 from . import _codec as codec
 from ._metrics import Metrics

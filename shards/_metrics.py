@@ -15,6 +15,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
 from shardlite.actor import ActorPool
 
 _LATENCY_BUCKETS_S = (

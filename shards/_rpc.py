@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 import trio
+
 from shardlite.actor import (
     ActorPool,
     BadRequest,

@@ -19,6 +19,7 @@ import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
+
 from shardlite.actor import open_actor_pool
 
 from ._http import create_app

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+
 from shardlite.actor import ActorConfig, Durability
 from shardlite.actor import _config as defaults
 
