@@ -25,9 +25,10 @@ def internal_sql(sql: str) -> str:
     return f"/*shardlite:{_NONCE}*/ {sql}"
 
 
-# Read-only pragmas a tenant may use; ``user_version`` and ``application_id`` may also be
-# set (they are the tenant's own schema-version slots in the file header).
-PRAGMAS_READ = frozenset(
+# Pragmas a tenant may use. Those in PRAGMAS_ARG take a table, index or count argument
+# (a question, not a setting); ``user_version`` and ``application_id`` may be set (they
+# are the tenant's own schema-version slots in the file header); the rest are read-only.
+PRAGMAS_ARG = frozenset(
     {
         "table_info",
         "table_xinfo",
@@ -37,18 +38,16 @@ PRAGMAS_READ = frozenset(
         "index_xinfo",
         "foreign_key_list",
         "foreign_key_check",
-        "collation_list",
-        "page_count",
-        "page_size",
-        "freelist_count",
         "quick_check",
         "integrity_check",
-        "user_version",
-        "application_id",
-        "data_version",
     }
 )
 PRAGMAS_WRITE = frozenset({"user_version", "application_id"})
+PRAGMAS_READ = (
+    PRAGMAS_ARG
+    | PRAGMAS_WRITE
+    | frozenset({"collation_list", "page_count", "page_size", "freelist_count", "data_version"})
+)
 VTAB_MODULES = frozenset({"fts5", "fts5vocab", "rtree"})
 DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "sqlite_offset"})
 
@@ -73,7 +72,6 @@ _TABLE_ARG = {
     "SQLITE_CREATE_TRIGGER": 1,
     "SQLITE_DROP_TRIGGER": 1,
     "SQLITE_ALTER_TABLE": 1,
-    "SQLITE_ANALYZE": 0,
     "SQLITE_CREATE_VTABLE": 0,
     "SQLITE_DROP_VTABLE": 0,
 }
@@ -132,7 +130,9 @@ class Authorizer:
             return "the temp schema is not available"
         if name == "SQLITE_PRAGMA":
             pragma = (p1 or "").lower()
-            if pragma not in PRAGMAS_READ or (p2 is not None and pragma not in PRAGMAS_WRITE):
+            if pragma not in PRAGMAS_READ or (
+                p2 is not None and pragma not in PRAGMAS_WRITE and pragma not in PRAGMAS_ARG
+            ):
                 return f"PRAGMA {pragma} is not allowed"
             return None
         if name == "SQLITE_FUNCTION":

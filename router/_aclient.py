@@ -92,8 +92,15 @@ class AsyncRpcTransport:
         req_id = next(self._ids)
         pending = _Pending()
         self._pending[req_id] = pending
-        async with self._send_lock:
-            await self._stream.send(wire.request_frame(req_id, key, op))
+        try:
+            async with self._send_lock:
+                await self._stream.send(wire.request_frame(req_id, key, op))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            self._pending.pop(req_id, None)
+            raise proto.ConnectionLost(
+                f"connection to {self._target.base_url} lost ({exc}); "
+                "the request may or may not have been applied"
+            ) from None
         with anyio.fail_after(self._timeout):
             await pending.event.wait()
         response = pending.response

@@ -1,0 +1,188 @@
+"""Passivation, the LRU cap, checkpoints, back-pressure and shutdown of the actor pool."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from shardlite.actor import (
+    ActorConfig,
+    ActorPool,
+    Call,
+    Durability,
+    Overloaded,
+    Sql,
+    Unavailable,
+    key_to_relpath,
+    open_actor_pool,
+)
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll a condition that background threads make true (bounded, no fixed sleeps)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_idle_actor_is_passivated_and_reopens_with_its_data(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = ActorConfig(idle_timeout_s=60.0)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v)"))
+        await pool.call("k", Sql("INSERT INTO t VALUES ('kept')"))
+        assert pool.statistics()["actors_open"] == 1
+        await trio.sleep(30)
+        assert pool.statistics()["actors_open"] == 1  # not idle long enough yet
+        await trio.sleep(120)
+        await wait_until(lambda: pool.statistics()["actors_open"] == 0)
+        assert pool.statistics()["actors_known"] == 0
+        # closing checkpointed the WAL into the database and removed it
+        path = tmp_path / key_to_relpath("k")
+        assert not Path(str(path) + "-wal").exists()
+        assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [("kept",)]
+        assert pool.statistics()["opened"] == 2
+
+
+async def test_open_actors_stay_under_the_lru_cap(tmp_path: Path) -> None:
+    config = ActorConfig(max_open_actors=3)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        for i in range(20):
+            await pool.call(f"key-{i}", Sql("CREATE TABLE t(v)"))
+            await pool.call(f"key-{i}", Sql("INSERT INTO t VALUES (?)", [i]))
+        await wait_until(lambda: pool.statistics()["actors_open"] <= 3)
+        assert pool.statistics()["evicted"] >= 17
+        # the least recently used are gone from memory, their data is on disk
+        for i in range(20):
+            assert (await pool.call(f"key-{i}", Sql("SELECT v FROM t"))).rows == [(i,)]
+        await wait_until(lambda: pool.statistics()["actors_open"] <= 3)
+
+
+async def test_full_mailbox_refuses_with_overloaded(tmp_path: Path) -> None:
+    class Sink:
+        def deliver(self, tag: Any, result: Any) -> None:
+            pass
+
+    config = ActorConfig(mailbox_size=4)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        pool.submit_nowait("k", [Call(Sql("SELECT 1"), Sink()) for _ in range(4)])
+        with pytest.raises(Overloaded) as info:
+            pool.submit_nowait("k", [Call(Sql("SELECT 1"), Sink())])
+        assert info.value.retryable and info.value.retry_after > 0
+        assert info.value.status == 503
+        # another key is not affected
+        assert (await pool.call("other", Sql("SELECT 1"))).rows == [(1,)]
+
+
+async def test_wal_is_checkpointed_off_the_loop_when_it_grows(tmp_path: Path) -> None:
+    config = ActorConfig(checkpoint_wal_bytes=64 * 1024, durability=Durability.OS)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v BLOB)"))
+        wal = Path(str(tmp_path / key_to_relpath("k")) + "-wal")
+        biggest = 0
+        for _ in range(200):
+            await pool.call("k", Sql("INSERT INTO t VALUES (randomblob(2000))"))
+            biggest = max(biggest, wal.stat().st_size if wal.exists() else 0)
+        await wait_until(lambda: pool.statistics()["checkpoints"] >= 3)
+        # 200 x 2 KB went through a WAL that never held much more than the threshold
+        assert biggest < 4 * 64 * 1024
+        assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(200,)]
+
+
+async def test_closing_the_pool_runs_queued_calls_and_keeps_their_writes(tmp_path: Path) -> None:
+    results: list[Any] = []
+
+    class Sink:
+        def deliver(self, tag: Any, result: Any) -> None:
+            results.append(result)
+
+    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v)"))
+        pool.submit_nowait(
+            "k", [Call(Sql("INSERT INTO t VALUES (?)", [i]), Sink()) for i in range(50)]
+        )
+        # leave without waiting: the pool must still run and release them
+    assert len(results) == 50 and all(r.changes == 1 for r in results)
+    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+        assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(50,)]
+
+
+async def test_closed_pool_refuses_new_keys(tmp_path: Path) -> None:
+    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+        pass
+    with pytest.raises(Unavailable):
+        pool.submit_nowait("new", [])
+
+
+async def test_delete_removes_the_file_and_the_next_call_starts_fresh(
+    pool: ActorPool, tmp_path: Path
+) -> None:
+    await pool.call("k", Sql("CREATE TABLE t(v)"))
+    path = tmp_path / key_to_relpath("k")
+    assert path.exists()
+    assert await pool.delete("k") is True
+    assert not path.exists() and not Path(str(path) + "-wal").exists()
+    assert await pool.delete("k") is False
+    tables = await pool.call("k", Sql("SELECT name FROM sqlite_schema WHERE name = 't'"))
+    assert tables.rows == []
+
+
+async def test_calls_queued_around_a_delete_keep_their_order(pool: ActorPool) -> None:
+    results: dict[int, Any] = {}
+    done = trio.Event()
+
+    class Sink:
+        def deliver(self, tag: Any, result: Any) -> None:
+            results[tag] = result
+            if len(results) == 3:
+                done.set()
+
+    from shardlite.actor import Exclusive
+
+    await pool.call("k", Sql("CREATE TABLE t(v)"))
+    sink = Sink()
+    pool.submit_nowait(
+        "k",
+        [
+            Call(Sql("INSERT INTO t VALUES (1)"), sink, 0),
+            Call(Exclusive(pool._delete_files), sink, 1),
+            Call(Sql("SELECT count(*) FROM sqlite_schema WHERE name = 't'"), sink, 2),
+        ],
+    )
+    pool.wake_runner()
+    with trio.fail_after(10):
+        await done.wait()
+    assert results[0].changes == 1
+    assert results[1] is True
+    assert results[2].rows == [(0,)]
+
+
+async def test_export_is_a_consistent_sqlite_file(pool: ActorPool) -> None:
+    import apsw
+
+    await pool.call("k", Sql("CREATE TABLE t(v)"))
+    for i in range(100):
+        await pool.call("k", Sql("INSERT INTO t VALUES (?)", [i]))
+    path = await pool.export("k")
+    try:
+        with apsw.Connection(path) as conn:
+            assert conn.execute("SELECT count(*), sum(v) FROM t").fetchall() == [(100, 4950)]
+            assert conn.pragma("integrity_check") == "ok"
+    finally:
+        os.unlink(path)
+    # exporting an actor that never existed is not found, and creates nothing
+    from shardlite.actor import NotFound
+
+    with pytest.raises(NotFound):
+        await pool.export("ghost")

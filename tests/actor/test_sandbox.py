@@ -1,0 +1,165 @@
+"""The SQL sandbox: what a tenant may not do, and that it leaves no trace when refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from shardlite.actor import (
+    ActorConfig,
+    ActorPool,
+    Error,
+    Forbidden,
+    QuotaExceeded,
+    Sql,
+    TooLarge,
+    open_actor_pool,
+)
+
+DENIED = [
+    "ATTACH DATABASE 'other.db' AS other",
+    "DETACH DATABASE main",
+    "VACUUM INTO '/tmp/shardlite-exfiltrated.db'",
+    "SELECT load_extension('/tmp/evil.so')",
+    "PRAGMA synchronous = OFF",
+    "PRAGMA journal_mode = DELETE",
+    "PRAGMA journal_mode",
+    "PRAGMA max_page_count = 1000000000",
+    "PRAGMA mmap_size = 1000000",
+    "PRAGMA temp_store = MEMORY",
+    "PRAGMA cache_size = -1000000",
+    "PRAGMA writable_schema = ON",
+    "PRAGMA trusted_schema = ON",
+    "PRAGMA wal_autocheckpoint = 1",
+    "PRAGMA locking_mode = NORMAL",
+    "PRAGMA schema_version = 1",
+    "PRAGMA secure_delete = OFF",
+    "PRAGMA query_only = ON",
+    "BEGIN",
+    "COMMIT",
+    "ROLLBACK",
+    "SAVEPOINT s",
+    "RELEASE s",
+    "SELECT * FROM _shardlite_meta",
+    "SELECT * FROM _shardlite_kv",
+    "UPDATE _shardlite_meta SET value = 'other' WHERE name = 'key'",
+    "DELETE FROM _shardlite_kv",
+    "DROP TABLE _shardlite_meta",
+    "CREATE TABLE _shardlite_mine(a)",
+    "CREATE INDEX i ON _shardlite_kv(value)",
+    "CREATE TRIGGER tr AFTER INSERT ON _shardlite_kv BEGIN SELECT 1; END",
+    "CREATE TEMP TABLE tt(a)",
+    "CREATE TEMP VIEW tv AS SELECT 1",
+    "CREATE VIRTUAL TABLE d USING dbstat",
+]
+
+
+@pytest.mark.parametrize("sql", DENIED)
+async def test_sandbox_refuses(pool: ActorPool, sql: str) -> None:
+    await pool.call("victim", Sql("CREATE TABLE IF NOT EXISTS t(v)"))
+    await pool.call("victim", Sql("INSERT INTO t VALUES (1)"))
+    with pytest.raises(Error) as info:
+        await pool.call("victim", Sql(sql))
+    assert info.value.code in ("forbidden", "sql_error"), info.value
+    assert info.value.message
+    # refused means nothing changed, and the actor still serves
+    assert (await pool.call("victim", Sql("SELECT count(*) FROM t"))).rows == [(1,)]
+    assert (await pool.call("victim", Sql("PRAGMA user_version"))).rows == [(0,)]
+
+
+async def test_denial_message_names_the_problem(pool: ActorPool) -> None:
+    with pytest.raises(Forbidden) as info:
+        await pool.call("k", Sql("PRAGMA synchronous = OFF"))
+    assert "synchronous" in info.value.message
+    with pytest.raises(Forbidden) as info:
+        await pool.call("k", Sql("ATTACH DATABASE 'x.db' AS x"))
+    assert "ATTACH" in info.value.message
+
+
+async def test_vacuum_into_writes_no_file(pool: ActorPool, tmp_path: Path) -> None:
+    target = tmp_path / "stolen.db"
+    with pytest.raises(Error):
+        await pool.call("k", Sql(f"VACUUM INTO '{target}'"))
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "PRAGMA table_info(t)",
+        "SELECT * FROM pragma_table_info('t')",
+        "PRAGMA user_version = 7",
+        "PRAGMA integrity_check",
+        "CREATE VIRTUAL TABLE docs USING fts5(body)",
+        "CREATE VIEW v AS SELECT * FROM t",
+        "CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT 1; END",
+        "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r WHERE x < 5) SELECT sum(x) FROM r",
+        "SELECT json_extract('{\"a\": 1}', '$.a')",
+        "ANALYZE",
+    ],
+)
+async def test_sandbox_allows_ordinary_sql(pool: ActorPool, sql: str) -> None:
+    await pool.call("k", Sql("CREATE TABLE IF NOT EXISTS t(a, b)"))
+    await pool.call("k", Sql(sql))
+
+
+async def test_tenant_cannot_reuse_the_actors_own_commit_statement(pool: ActorPool) -> None:
+    """The actor's cached COMMIT must not run for a tenant (SQLite skips the authorizer
+    for cached statements): a tenant COMMIT mid-batch would break the batch's atomicity."""
+    await pool.call("k", Sql("CREATE TABLE t(v)"))
+    for text in ("COMMIT", "commit", "BEGIN", "ROLLBACK"):
+        with pytest.raises(Forbidden):
+            await pool.call("k", Sql(text))
+
+
+async def test_quota_gives_quota_exceeded_and_reads_still_work(tmp_path: Path) -> None:
+    config = ActorConfig(max_db_bytes=256 * 1024)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)"))
+        with pytest.raises(QuotaExceeded):
+            for _ in range(200):
+                await pool.call("k", Sql("INSERT INTO t(v) VALUES (randomblob(8000))"))
+        n = (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows[0][0]
+        assert 0 < n < 200
+        await pool.call("k", Sql("DELETE FROM t"))
+        await pool.call("k", Sql("INSERT INTO t(v) VALUES (randomblob(8000))"))
+
+
+async def test_values_over_the_length_limit_are_too_large(tmp_path: Path) -> None:
+    config = ActorConfig(max_value_bytes=10_000)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        for sql in ("SELECT zeroblob(20000)", "SELECT printf('%.*c', 20000, 'x')"):
+            with pytest.raises(TooLarge):
+                await pool.call("k", Sql(sql))
+
+
+async def test_symlinked_actor_file_is_refused(pool: ActorPool, tmp_path: Path) -> None:
+    from shardlite.actor import key_to_relpath
+
+    secret = tmp_path / "secret.db"
+    secret.write_bytes(b"not yours")
+    link = tmp_path / key_to_relpath("mallory")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(secret, link)
+    with pytest.raises(Error):
+        await pool.call("mallory", Sql("SELECT 1"))
+    assert secret.read_bytes() == b"not yours"
+
+
+async def test_file_of_another_key_is_refused(tmp_path: Path) -> None:
+    from shardlite.actor import key_to_relpath
+
+    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+        await pool.call("alice", Sql("CREATE TABLE secrets(v)"))
+        await pool.call("alice", Sql("INSERT INTO secrets VALUES ('alice-only')"))
+    # an operator mistake: alice's file (closed, so checkpointed) copied to bob's place
+    bob = tmp_path / key_to_relpath("bob")
+    bob.parent.mkdir(parents=True, exist_ok=True)
+    bob.write_bytes((tmp_path / key_to_relpath("alice")).read_bytes())
+    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+        with pytest.raises(Error) as info:
+            await pool.call("bob", Sql("SELECT * FROM secrets"))
+        assert info.value.code == "internal"
+        assert "belongs to actor 'alice'" in info.value.message
