@@ -31,10 +31,12 @@ class Load:
 
     async def run(self) -> None:
         try:
-            async with shardlite.connect_async(self.url, timeout=10) as client:
-                async with trio.open_nursery() as nursery:
-                    for w in range(WRITERS):
-                        nursery.start_soon(self.writer, client, w)
+            async with (
+                shardlite.connect_async(self.url, timeout=10) as client,
+                trio.open_nursery() as nursery,
+            ):
+                for w in range(WRITERS):
+                    nursery.start_soon(self.writer, client, w)
         except shardlite.ConnectionLost:
             pass
         except BaseExceptionGroup as group:
