@@ -68,7 +68,7 @@ PROGRESS_STEPS = 1000
 
 _clock = time.monotonic
 _kv_encode = msgspec.msgpack.Encoder().encode
-_kv_decode = msgspec.msgpack.Decoder().decode
+_kv_decode: Callable[[Any], Any] = msgspec.msgpack.Decoder().decode
 
 _KV_GET = internal_sql("SELECT value FROM _shardlite_kv WHERE name = ?")
 _KV_PUT = internal_sql(
@@ -299,7 +299,7 @@ class Actor:
                 self._internal(_BEGIN)
                 for i, call in enumerate(calls):
                     if i not in failed:
-                        results[i] = self._run_call(call.op)
+                        results[i] = self._run_call(call.op)  # type: ignore[arg-type]
                 self._internal(_COMMIT)
                 return results  # type: ignore[return-value]
             except _TxnLost as lost:
@@ -402,7 +402,7 @@ class Actor:
                 ).fetchall()
             finally:
                 auth.trusted = False
-            return KvItems([(name, _kv_decode(value)) for name, value in rows])
+            return KvItems([(str(name), _kv_decode(value)) for name, value in rows])
         name: str = op.name  # type: ignore[union-attr]
         if len(name.encode("utf-8", "surrogatepass")) > MAX_KV_NAME_BYTES:
             raise BadRequest(f"KV name is longer than {MAX_KV_NAME_BYTES} bytes")

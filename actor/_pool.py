@@ -102,7 +102,7 @@ class ActorPool:
                 raise Unavailable("the server is shutting down; retry on another server")
             validate_key(key)
             path = resolve_actor_path(self._locate(key), key)
-            actor = Actor(key, path, self.config, self.durability)  # type: ignore[arg-type]
+            actor = Actor(key, path, self.config, self.durability)
             self._actors[key] = actor
         else:
             self._actors.move_to_end(key)

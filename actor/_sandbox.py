@@ -54,7 +54,7 @@ DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "sqlite_offset
 _OK = apsw.SQLITE_OK
 _DENY = apsw.SQLITE_DENY
 _NAMES: dict[int, str] = {
-    k: v for k, v in apsw.mapping_authorizer_function.items() if isinstance(k, int)
+    k: str(v) for k, v in apsw.mapping_authorizer_function.items() if isinstance(k, int)
 }
 
 # op -> index (0 or 1) of the argument that names a table, for the hidden-table check

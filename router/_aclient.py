@@ -26,6 +26,7 @@ from shardlite.actor import (
     NotFound,
     SqlResult,
     Statement,
+    error_from_dict,
 )
 
 from . import _protocol as proto
@@ -64,7 +65,7 @@ class AsyncRpcTransport:
                 for payload in reader.feed(chunk):
                     response = wire.response_decoder.decode(payload)
                     if response.id == wire.CONNECTION_ERROR_ID:
-                        self._fail_all(proto.error_from_dict(msgspec.msgpack.decode(response.body)))
+                        self._fail_all(error_from_dict(msgspec.msgpack.decode(response.body)))
                         return
                     pending = self._pending.pop(response.id, None)
                     if pending is not None:

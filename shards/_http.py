@@ -88,9 +88,10 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
 
     async def body() -> bytes:
         try:
-            data: bytes = await request.get_data(cache=False)
+            data = await request.get_data(cache=False, as_text=False)
         except HTTPException as exc:
             raise _http_error(exc) from None
+        assert isinstance(data, bytes)
         return data
 
     def key_of(key: str) -> str:
@@ -230,8 +231,11 @@ def _http_error(exc: HTTPException) -> Error:
 
 def _sqlite_ok() -> bool:
     try:
-        with apsw.Connection(":memory:") as conn:
+        conn = apsw.Connection(":memory:")
+        try:
             return bool(conn.execute("SELECT 1").fetchall() == [(1,)])
+        finally:
+            conn.close()
     except apsw.Error:
         return False
 

@@ -106,7 +106,7 @@ class RpcConnection:
             if not data:
                 return
             try:
-                frames = self.reader.feed(data)
+                frames = self.reader.feed(bytes(data))
             except wire.FrameTooLarge as exc:
                 self._reply_now(
                     wire.CONNECTION_ERROR_ID, TooLarge(f"{exc}; closing the connection")
