@@ -76,13 +76,13 @@ def fdatasync_wal(actor: Actor) -> None:
     os.fdatasync(actor.wal_fd)
     if actor.dir_sync_needed:
         fanout = os.path.dirname(actor.path)
-        for directory in (fanout, os.path.dirname(fanout)):
+        for directory in (fanout, os.path.dirname(fanout))[: actor.dir_sync_needed]:
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        actor.dir_sync_needed = False
+        actor.dir_sync_needed = 0
 
 
 class FsyncDurability:

@@ -98,3 +98,12 @@ def test_mypy_strict_is_clean() -> None:
         env={"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rpc_doc_example_matches_the_wire_format() -> None:
+    from shardlite.actor import Sql
+    from shardlite.router import wire
+
+    doc = (ROOT / "docs" / "rpc.md").read_text()
+    frame = wire.request_frame(7, "tenant-1", Sql("SELECT ?", [42]))
+    assert frame.hex(" ") in doc
