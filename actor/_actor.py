@@ -82,6 +82,7 @@ _KV_LIST = internal_sql(
 )
 # Transaction control is internal SQL too: a tenant's "COMMIT" must never hit our cached
 # statement, which SQLite would run without asking the authorizer again.
+_TRAILING = " \t\r\n;"
 _BEGIN = internal_sql("BEGIN")
 _COMMIT = internal_sql("COMMIT")
 _ROLLBACK = internal_sql("ROLLBACK")
@@ -129,6 +130,15 @@ class State(enum.Enum):
     OPEN = "open"
     BUSY = "busy"
     """A blocking operation (checkpoint, close, export) runs in a worker thread."""
+
+
+class _Undo(Exception):
+    """A statement completed but its call must fail (e.g. its result is too large): its
+    writes must be undone, although SQLite considers the statement a success."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class _TxnLost(Exception):
@@ -254,13 +264,17 @@ class Actor:
         self._columns = [d[0] for d in cursor.get_description()]
         return True
 
-    def _internal(self, sql: str, params: Any = None) -> list[Any]:
-        """Run one of shardlite's own statements (trusted by the authorizer)."""
-        conn, auth = self.conn, self._auth
-        assert conn is not None and auth is not None
+    def _internal(self, sql: str) -> None:
+        """Run one of shardlite's own row-less statements (trusted by the authorizer).
+
+        Trusted on every run, not only the first: SQLite prepares a cached statement
+        again after a schema change, and asks the authorizer again then.
+        """
+        auth = self._auth
+        assert self.conn is not None and auth is not None
         auth.trusted = True
         try:
-            return conn.execute(sql, params).fetchall()
+            self.conn.execute(sql)
         finally:
             auth.trusted = False
 
@@ -320,11 +334,20 @@ class Actor:
     def _run_call(self, op: Op) -> Result | Error:
         conn = self.conn
         assert conn is not None
-        multi = isinstance(op, Batch)
+        # A call that may run several statements gets a savepoint, so a failure after the
+        # first one undoes all. One statement needs none: SQLite undoes a failed statement.
+        multi = type(op) is Batch or (type(op) is Sql and ";" in op.sql.rstrip(_TRAILING))
         if multi:
             self._internal(_SAVEPOINT)
         try:
             result = self._apply(op)
+        except _Undo as undo:
+            if multi:
+                self._internal(_ROLLBACK_TO)
+                self._internal(_RELEASE)
+                return undo.error
+            self._internal(_ROLLBACK)
+            raise _TxnLost(undo.error) from None
         except apsw.Error as exc:
             err: Error = _map_error(exc, self._auth)
         except Error as exc:
@@ -381,8 +404,11 @@ class Actor:
             ) from None
         if self._columns is None:
             raise BadRequest("sql is empty: it holds no statement")
-        if len(rows) > 256:
-            _check_result_size(rows, self.config.max_result_bytes)
+        if rows:
+            too_large = _check_result_size(rows, self.config.max_result_bytes)
+            if too_large is not None:
+                # a write (INSERT ... RETURNING) that cannot answer must not stay applied
+                raise too_large if self._stmt_readonly else _Undo(too_large)
         changed = conn.total_changes() != before
         return SqlResult(
             self._columns,
@@ -459,15 +485,16 @@ def _prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
-def _check_result_size(rows: list[tuple[Any, ...]], limit: int) -> None:
+def _check_result_size(rows: list[tuple[Any, ...]], limit: int) -> TooLarge | None:
     size = 0
     for row in rows:
         for v in row:
             size += len(v) if isinstance(v, (str, bytes)) else 9
         if size > limit:
-            raise TooLarge(
+            return TooLarge(
                 f"the result is larger than {limit} bytes; select fewer rows (LIMIT/OFFSET) or columns"
             )
+    return None
 
 
 def _describe(exc: BaseException) -> str:

@@ -41,33 +41,87 @@ class _Pending:
         self.response: wire.Response | None = None
 
 
+class _Connection:
+    """One TCP connection of an :class:`AsyncRpcTransport` and the requests it carries."""
+
+    __slots__ = ("broken", "pending", "stream")
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.pending: dict[int, _Pending] = {}
+        self.broken: BaseException | None = None
+
+    def fail_all(self, exc: BaseException) -> None:
+        self.broken = exc
+        pending, self.pending = self.pending, {}
+        for p in pending.values():
+            p.event.set()
+
+
 class AsyncRpcTransport:
+    """Pipelined requests over one connection; a new one is opened once it breaks."""
+
     def __init__(self, target: proto.Target, timeout: float) -> None:
         self._target = target
         self._timeout = timeout
-        self._stream: anyio.abc.SocketStream | None = None
-        self._pending: dict[int, _Pending] = {}
+        self._conn: _Connection | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
         self._ids = itertools.count(1)
         self._send_lock = anyio.Lock()
-        self._broken: BaseException | None = None
+        self._connect_lock = anyio.Lock()
+        self._closed = False
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
-        with anyio.fail_after(self._timeout):
-            self._stream = await anyio.connect_tcp(self._target.host, self._target.port)
-        tg.start_soon(self._read_loop)
+        self._tg = tg
+        await self._connect()
 
-    async def _read_loop(self) -> None:
-        assert self._stream is not None
+    async def _connect(self) -> _Connection:
+        assert self._tg is not None
+        with anyio.fail_after(self._timeout):
+            stream = await anyio.connect_tcp(self._target.host, self._target.port)
+        conn = _Connection(stream)
+        self._conn = conn
+        self._tg.start_soon(self._read_loop, conn)
+        return conn
+
+    async def _connection(self) -> _Connection:
+        """The current connection, or a new one if it broke (requests in flight on a broken
+        connection are not resent: they may or may not have been applied)."""
+        conn = self._conn
+        if conn is not None and conn.broken is None:
+            return conn
+        if self._closed:
+            raise proto.ConnectionLost(f"the client of {self._target.base_url} is closed")
+        async with self._connect_lock:
+            conn = self._conn
+            if conn is not None and conn.broken is None:
+                return conn
+            if conn is not None:
+                with anyio.CancelScope(shield=True):
+                    await conn.stream.aclose()
+            try:
+                return await self._connect()
+            except (OSError, TimeoutError) as exc:
+                raise proto.ConnectionLost(
+                    f"cannot connect to {self._target.base_url} ({exc})"
+                ) from None
+
+    async def _read_loop(self, conn: _Connection) -> None:
         reader = wire.FrameReader(1 << 31)
         try:
             while True:
-                chunk = await self._stream.receive(1 << 20)
+                chunk = await conn.stream.receive(1 << 20)
                 for payload in reader.feed(chunk):
                     response = wire.response_decoder.decode(payload)
                     if response.id == wire.CONNECTION_ERROR_ID:
-                        self._fail_all(error_from_dict(msgspec.msgpack.decode(response.body)))
+                        error = error_from_dict(msgspec.msgpack.decode(response.body))
+                        if len(conn.pending) == 1:
+                            # the only request without a reply is the one the server refused
+                            (refused,) = conn.pending.values()
+                            refused.response = response
+                        conn.fail_all(error)
                         return
-                    pending = self._pending.pop(response.id, None)
+                    pending = conn.pending.pop(response.id, None)
                     if pending is not None:
                         pending.response = response
                         pending.event.set()
@@ -77,44 +131,39 @@ class AsyncRpcTransport:
             anyio.ClosedResourceError,
             OSError,
         ) as exc:
-            self._fail_all(exc)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        self._broken = exc
-        pending, self._pending = self._pending, {}
-        for p in pending.values():
-            p.event.set()
+            conn.fail_all(exc)
 
     async def request(self, key: str, op: wire.WireOp) -> Any:
-        if self._broken is not None or self._stream is None:
-            raise proto.ConnectionLost(
-                f"connection to {self._target.base_url} is closed ({self._broken})"
-            )
+        conn = await self._connection()
         req_id = next(self._ids)
         pending = _Pending()
-        self._pending[req_id] = pending
+        conn.pending[req_id] = pending
         try:
-            async with self._send_lock:
-                await self._stream.send(wire.request_frame(req_id, key, op))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._pending.pop(req_id, None)
-            raise proto.ConnectionLost(
-                f"connection to {self._target.base_url} lost ({exc}); "
-                "the request may or may not have been applied"
-            ) from None
-        with anyio.fail_after(self._timeout):
-            await pending.event.wait()
+            try:
+                async with self._send_lock:
+                    await conn.stream.send(wire.request_frame(req_id, key, op))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                conn.fail_all(exc)  # a frame may be half sent: the connection is unusable
+                raise proto.ConnectionLost(
+                    f"connection to {self._target.base_url} lost ({exc}); "
+                    "the request may or may not have been applied"
+                ) from None
+            with anyio.fail_after(self._timeout):
+                await pending.event.wait()
+        finally:
+            conn.pending.pop(req_id, None)
         response = pending.response
         if response is None:
             raise proto.ConnectionLost(
-                f"connection to {self._target.base_url} lost ({self._broken}); "
+                f"connection to {self._target.base_url} lost ({conn.broken}); "
                 "the request may or may not have been applied"
             )
         return proto.decode_rpc_result(op, response.status, response.body)
 
     async def aclose(self) -> None:
-        if self._stream is not None:
-            await self._stream.aclose()
+        self._closed = True
+        if self._conn is not None:
+            await self._conn.stream.aclose()
 
 
 class AsyncHttpTransport:

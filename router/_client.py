@@ -67,6 +67,9 @@ class RpcTransport:
                     f"connection to {self._target.base_url} lost while waiting for a reply ({exc}); "
                     "the request may or may not have been applied"
                 ) from None
+            if response.id == wire.CONNECTION_ERROR_ID:
+                # the server refused this request's frame and may close the connection
+                self._drop()
         return proto.decode_rpc_result(op, response.status, response.body)
 
     def _receive(self, req_id: int) -> wire.Response:

@@ -96,20 +96,27 @@ def decode_rpc_result(op: wire.WireOp, status: int, body: msgspec.Raw) -> Any:
 # ------------------------------------------------------------------ HTTP mapping
 
 
+def _segment(text: str) -> str:
+    """``text`` as one path segment. A ``.`` or ``..`` segment is escaped too: HTTP clients
+    resolve it (``/v1/actors/k/kv/..`` would become ``/v1/actors/k``: the actor itself)."""
+    segment = quote(text, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
 def http_request(op: wire.WireOp, key: str) -> tuple[str, str, Any, dict[str, Any] | None]:
     """(method, path, msgpack body or None, query) for an operation over HTTP."""
-    base = f"/v1/actors/{quote(key, safe='')}"
+    base = f"/v1/actors/{_segment(key)}"
     if isinstance(op, Sql):
         return "POST", base + "/sql", {"sql": op.sql, "params": op.params}, None
     if isinstance(op, Batch):
         stmts = [{"sql": s.sql, "params": s.params} for s in op.statements]
         return "POST", base + "/batch", {"statements": stmts}, None
     if isinstance(op, KvGet):
-        return "GET", f"{base}/kv/{quote(op.name, safe='')}", None, None
+        return "GET", f"{base}/kv/{_segment(op.name)}", None, None
     if isinstance(op, KvPut):
-        return "PUT", f"{base}/kv/{quote(op.name, safe='')}", op.value, None
+        return "PUT", f"{base}/kv/{_segment(op.name)}", op.value, None
     if isinstance(op, KvDelete):
-        return "DELETE", f"{base}/kv/{quote(op.name, safe='')}", None, None
+        return "DELETE", f"{base}/kv/{_segment(op.name)}", None, None
     if isinstance(op, KvList):
         query: dict[str, Any] = {"prefix": op.prefix, "limit": op.limit}
         if op.after is not None:

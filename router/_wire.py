@@ -8,7 +8,7 @@ request order). ``status`` 0 means ``body`` is the result, 1 that it is an error
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Annotated, Any, TypeAlias
 
 import msgspec
 
@@ -59,8 +59,13 @@ class ExportResult(msgspec.Struct, array_like=True):
 WireOp: TypeAlias = Sql | Batch | KvGet | KvPut | KvDelete | KvList | Delete | Export | Ping
 
 
+RequestId: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
+"""1 to 2^64-1 (msgpack has no larger integers): id 0 is reserved for errors that concern
+the connection, so a request cannot use it."""
+
+
 class Request(msgspec.Struct, array_like=True, frozen=True):
-    id: int
+    id: RequestId
     key: str
     op: WireOp
 
@@ -134,13 +139,13 @@ class FrameReader:
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
         buf += data
-        out = []
+        out: list[bytes] = []
         pos = 0
         n = len(buf)
         while n - pos >= HEADER_BYTES:
             size = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
             if size > self.max_frame:
-                raise FrameTooLarge(size, self.max_frame)
+                raise FrameTooLarge(size, self.max_frame, out)
             end = pos + HEADER_BYTES + size
             if end > n:
                 break
@@ -156,7 +161,10 @@ class FrameReader:
 
 
 class FrameTooLarge(Exception):
-    def __init__(self, size: int, limit: int) -> None:
+    """A frame header over the limit; ``frames`` are the complete frames read before it."""
+
+    def __init__(self, size: int, limit: int, frames: list[bytes] | None = None) -> None:
         super().__init__(f"frame of {size} bytes is over the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+        self.frames = frames or []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -117,24 +118,50 @@ def _blob(text: Any, where: str) -> bytes:
 
 def blobs_in(value: Any) -> Any:
     """Turn ``{"$blob": ...}`` objects inside a JSON value into bytes."""
-    if isinstance(value, dict):
-        if len(value) == 1 and BLOB_KEY in value:
-            return _blob(value[BLOB_KEY], "$")
-        return {k: blobs_in(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [blobs_in(v) for v in value]
-    return value
+    return _rebuild(value, _blob_in)
 
 
 def blobs_out(value: Any) -> Any:
     """Turn bytes inside a value into ``{"$blob": ...}`` objects, for JSON."""
-    if isinstance(value, bytes):
-        return {BLOB_KEY: base64.b64encode(value).decode()}
-    if isinstance(value, dict):
-        return {k: blobs_out(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [blobs_out(v) for v in value]
-    return value
+    return _rebuild(value, _blob_out)
+
+
+_KEEP = object()
+
+
+def _blob_in(v: Any) -> Any:
+    if type(v) is dict and len(v) == 1 and BLOB_KEY in v:
+        return _blob(v[BLOB_KEY], "$")
+    return _KEEP
+
+
+def _blob_out(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return {BLOB_KEY: base64.b64encode(v).decode()}
+    return _KEEP
+
+
+def _rebuild(value: Any, convert: Callable[[Any], Any]) -> Any:
+    """``value`` with ``convert`` applied to every node (top-down; lists and dicts are copied,
+    tuples become lists). Iterative: values nest as deep as their decoder allowed, deeper
+    than Python's recursion limit leaves room for."""
+    top = [value]
+    stack: list[tuple[Any, Any]] = [(top, 0)]
+    while stack:
+        parent, slot = stack.pop()
+        v = parent[slot]
+        new = convert(v)
+        if new is not _KEEP:
+            parent[slot] = new
+        elif isinstance(v, dict):
+            copy = dict(v)
+            parent[slot] = copy
+            stack.extend((copy, k) for k in copy)
+        elif isinstance(v, (list, tuple)):
+            copy_list = list(v)
+            parent[slot] = copy_list
+            stack.extend((copy_list, i) for i in range(len(copy_list)))
+    return top[0]
 
 
 def sql_result_json(r: SqlResult) -> dict[str, Any]:

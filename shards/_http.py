@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import unquote
 
 import apsw
 import trio
@@ -84,6 +85,8 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
     app.config["BODY_TIMEOUT"] = settings.body_timeout
     app.config["RESPONSE_TIMEOUT"] = max(60.0, settings.statement_timeout * 10)
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    # "/v1/actors//sql" must not be merged (and redirected) into another actor's path
+    app.url_map.merge_slashes = False
     data_dir = settings.data
 
     async def body() -> bytes:
@@ -92,6 +95,7 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
         except HTTPException as exc:
             raise _http_error(exc) from None
         assert isinstance(data, bytes)
+        request.body_read = True  # type: ignore[attr-defined]
         return data
 
     def key_of(key: str) -> str:
@@ -103,6 +107,10 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
 
     @app.after_request
     async def _count(response: Response) -> Response:
+        if _unread_body():
+            # hypercorn drops a keep-alive connection whose request body was not read,
+            # without telling the client: a client reusing it would wait for a reply forever
+            response.headers["Connection"] = "close"
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         metrics.http_requests.labels(rule, request.method, str(response.status_code)).inc()
         start = getattr(request, "start_time", None)
@@ -212,6 +220,9 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
 def _http_error(exc: HTTPException) -> Error:
     code = exc.code or 500
     if code == 404:
+        bad_key = _bad_key_in_path()
+        if bad_key is not None:
+            return bad_key
         return NotFound(
             f"no such path: {request.method} {request.path} (see CONTRACT.md for the API)"
         )
@@ -227,6 +238,32 @@ def _http_error(exc: HTTPException) -> Error:
     if 400 <= code < 500:
         return BadRequest(exc.description or "bad request")
     return Internal(exc.description or "server error")
+
+
+def _bad_key_in_path() -> Error | None:
+    """The error for a path under /v1/actors/ whose key is invalid, if it is.
+
+    Routing matches the decoded path, so a key that is empty or holds an encoded slash
+    (``/v1/actors//sql``, ``/v1/actors/..%2Fx/sql``) matches no route; say why.
+    """
+    raw = request.scope.get("raw_path") or request.path.encode()
+    parts = raw.decode("latin-1").split("/")
+    if len(parts) < 4 or parts[1:3] != ["v1", "actors"]:
+        return None
+    try:
+        validate_key(unquote(parts[3], errors="strict"))
+    except BadRequest as exc:
+        return exc
+    except UnicodeDecodeError:
+        return BadRequest("actor key is not valid UTF-8")
+    return None
+
+
+def _unread_body() -> bool:
+    """The request came with a body that no handler read."""
+    if getattr(request, "body_read", False):
+        return False
+    return bool(request.content_length) or "chunked" in request.headers.get("Transfer-Encoding", "")
 
 
 def _sqlite_ok() -> bool:

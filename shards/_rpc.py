@@ -108,6 +108,8 @@ class RpcConnection:
             try:
                 frames = self.reader.feed(bytes(data))
             except wire.FrameTooLarge as exc:
+                if exc.frames:  # complete requests sent before the oversize one still run
+                    self._dispatch(exc.frames)
                 self._reply_now(
                     wire.CONNECTION_ERROR_ID, TooLarge(f"{exc}; closing the connection")
                 )
