@@ -67,6 +67,7 @@ PROGRESS_STEPS = 1000
 """VM instructions between two looks at the clock while a statement runs."""
 
 _clock = time.monotonic
+_NO_DEADLINE = float("inf")
 _kv_encode = msgspec.msgpack.Encoder().encode
 _kv_decode: Callable[[Any], Any] = msgspec.msgpack.Decoder().decode
 
@@ -194,7 +195,7 @@ class Actor:
     # ------------------------------------------------------------------ lifecycle
 
     def open(self, *, create: bool = True) -> None:
-        """Open the file inline (about 0.1-0.5 ms; creation also writes the header)."""
+        """Open (or create) the file. Blocking (creating syncs the header): worker thread."""
         new_fanout = not os.path.isdir(os.path.dirname(self.path))
         conn, auth = open_actor_db(self.path, self.key, self.config, create=create)
         self.conn = conn
@@ -204,17 +205,23 @@ class Actor:
         cursor = conn.cursor()
         cursor.exec_trace = self._exec_trace
         self._cursor = cursor
-        self.state = State.OPEN
         # the WAL is created anew after every open: its directory entry needs a sync,
         # and so does the fan-out directory's own entry if it was just made
         self.dir_sync_needed = 2 if new_fanout else 1
 
     def close_blocking(self) -> None:
-        """Checkpoint and close the file. Blocking: run it in a worker thread."""
+        """Checkpoint and close the file. Blocking: run it in a worker thread.
+
+        The explicit checkpoint matters: apsw holds the GIL through ``close()`` (which
+        would checkpoint too), stalling the event loop, but not through the checkpoint.
+        """
         conn, self.conn, self._cursor = self.conn, None, None
         try:
             if conn is not None:
-                conn.close()
+                try:
+                    conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+                finally:
+                    conn.close()
         finally:
             if self.wal_fd is not None:
                 os.close(self.wal_fd)
@@ -230,8 +237,12 @@ class Actor:
     def export_blocking(self, dest: str) -> None:
         """Write a consistent copy of the file to ``dest`` (backup API). Worker thread."""
         assert self.conn is not None
-        with apsw.Connection(dest) as out, out.backup("main", self.conn, "main") as backup:
-            backup.step(-1)
+        out = apsw.Connection(dest)
+        try:
+            with out.backup("main", self.conn, "main") as backup:
+                backup.step(-1)
+        finally:
+            out.close()
 
     @property
     def idle(self) -> bool:
@@ -273,6 +284,7 @@ class Actor:
         auth = self._auth
         assert self.conn is not None and auth is not None
         auth.trusted = True
+        self._deadline = _NO_DEADLINE  # the budget is the tenant's, not ours
         try:
             self.conn.execute(sql)
         finally:
@@ -339,6 +351,7 @@ class Actor:
         multi = type(op) is Batch or (type(op) is Sql and ";" in op.sql.rstrip(_TRAILING))
         if multi:
             self._internal(_SAVEPOINT)
+        self._deadline = _clock() + self.config.statement_timeout_s
         try:
             result = self._apply(op)
         except _Undo as undo:

@@ -12,6 +12,7 @@ the actor is BUSY; calls that arrive meanwhile wait in its mailbox.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -37,6 +38,8 @@ RUN_SLICE_S = 0.005
 """How long one caller of run_ready() runs actors before leaving the rest to the runner."""
 REAP_INTERVAL_MAX_S = 5.0
 DRAIN_TIMEOUT_S = 30.0
+OPEN_THREADS = 8
+"""Actor files opened (or created: that syncs) concurrently in worker threads."""
 
 _clock = time.monotonic
 
@@ -83,6 +86,8 @@ class ActorPool:
         self._runner_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._open = 0
+        self._closing = 0
+        self._open_limiter = trio.CapacityLimiter(OPEN_THREADS)
         self.closing = False
         # counters for statistics()
         self.opened = 0
@@ -139,7 +144,9 @@ class ActorPool:
             if type(actor.mailbox[0].op) is Exclusive:
                 self._start_exclusive(actor)
                 continue
-            if actor.state is State.CLOSED and not self._open_actor(actor):
+            if actor.state is State.CLOSED:
+                actor.state = State.BUSY  # opening runs in a worker thread (it may fsync)
+                self._spawn(self._open_actor, actor)
                 continue
             before = actor.calls
             actor.run_batch()
@@ -175,25 +182,29 @@ class ActorPool:
 
     # ------------------------------------------------------------------ residency
 
-    def _open_actor(self, actor: Actor) -> bool:
-        try:
-            actor.open()
-        except (Error, apsw.Error, OSError) as exc:
-            err = exc if isinstance(exc, Error) else _open_error(actor, exc)
-            log.warning("actor %r: cannot open %s: %s", actor.key, actor.path, exc)
-            while actor.mailbox:
-                call = actor.mailbox.popleft()
-                call.sink.deliver(call.tag, err)
-            self._forget(actor)
-            return False
+    async def _open_actor(self, actor: Actor) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(actor.open, limiter=self._open_limiter)
+            except (Error, apsw.Error, OSError) as exc:
+                err = exc if isinstance(exc, Error) else _open_error(actor, exc)
+                log.warning("actor %r: cannot open %s: %s", actor.key, actor.path, exc)
+                actor.state = State.CLOSED
+                while actor.mailbox:
+                    call = actor.mailbox.popleft()
+                    call.sink.deliver(call.tag, err)
+                self._forget(actor)
+                return
+        actor.state = State.OPEN
         self._open += 1
         self.opened += 1
-        if self._open > self.config.max_open_actors:
+        if self._open - self._closing > self.config.max_open_actors:
             self._evict()
-        return True
+        self._after_busy(actor)
 
     def _evict(self) -> None:
-        excess = self._open - self.config.max_open_actors
+        # actors already closing still hold their files but must not be counted twice
+        excess = self._open - self._closing - self.config.max_open_actors
         for actor in self._actors.values():
             if excess <= 0:
                 break
@@ -231,6 +242,7 @@ class ActorPool:
 
     def _spawn_close(self, actor: Actor) -> None:
         actor.state = State.BUSY
+        self._closing += 1
         self._spawn(self._close, actor)
 
     async def _close(self, actor: Actor) -> None:
@@ -241,6 +253,7 @@ class ActorPool:
                 log.exception("actor %r: close failed", actor.key)
                 actor.state = State.CLOSED
         self._open -= 1
+        self._closing -= 1
         actor.broken = False
         actor.want_checkpoint = False
         self._after_busy(actor)
@@ -322,7 +335,7 @@ class ActorPool:
 
     async def _export_file(self, actor: Actor) -> str:
         if actor.conn is None:
-            actor.open(create=False)
+            await trio.to_thread.run_sync(functools.partial(actor.open, create=False))
         fd, dest = tempfile.mkstemp(prefix="shardlite-export-", suffix=".db")
         os.close(fd)
         try:
@@ -368,6 +381,7 @@ class ActorPool:
             for actor in list(self._actors.values()):
                 if actor.state is State.OPEN:
                     actor.state = State.BUSY
+                    self._closing += 1
                     await self._close(actor)
         if scope.cancelled_caught:
             log.error("actor pool: drain did not finish within %.0f s", DRAIN_TIMEOUT_S)

@@ -1,5 +1,1 @@
-"""The ``shardlite`` command line: serve, sql and (later) the ops verbs."""
-
-from .cli import main
-
-__all__ = ["main"]
+"""The ``shardlite`` command line (``shardlite.ops.cli:main``): serve, sql, settings."""

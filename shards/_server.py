@@ -30,8 +30,9 @@ from ._settings import Settings
 log = logging.getLogger("shardlite.server")
 
 DEFAULT_SHARD = "shard-00"
-FDS_PER_ACTOR = 3
-"""The database, its WAL, and the flusher's descriptor of the WAL (durability=fsync)."""
+FDS_PER_ACTOR = {"os": 2, "fsync": 3}
+"""The database and its WAL (no -shm: locking_mode=EXCLUSIVE), plus the flusher's own
+descriptor of the WAL with durability=fsync."""
 FDS_RESERVED = 256
 """Descriptors kept for sockets, logs and worker threads."""
 
@@ -69,7 +70,7 @@ async def run_server(
     data = os.path.abspath(settings.data)  # noqa: ASYNC240 (no I/O: a string operation)
     directory = shard_dir(data)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd_cap = max(16, (raise_fd_limit() - FDS_RESERVED) // FDS_PER_ACTOR)
+    fd_cap = max(16, (raise_fd_limit() - FDS_RESERVED) // FDS_PER_ACTOR[settings.durability])
     max_open = min(settings.max_open_actors, fd_cap)
     if max_open < settings.max_open_actors:
         log.warning("max_open_actors lowered to %d by the file-descriptor limit", max_open)

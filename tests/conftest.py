@@ -51,7 +51,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "shardlite.ops.cli",
+            "shardlite",
             "serve",
             "--data",
             str(self.data),

@@ -186,3 +186,36 @@ async def test_export_is_a_consistent_sqlite_file(pool: ActorPool) -> None:
 
     with pytest.raises(NotFound):
         await pool.export("ghost")
+
+
+async def test_a_burst_of_new_keys_does_not_evict_below_the_cap(tmp_path: Path) -> None:
+    """Actors already closing still count as open; they must not be evicted twice over."""
+    cap = 20
+    async with open_actor_pool(ActorConfig(max_open_actors=cap), lambda key: str(tmp_path)) as pool:
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(pool.call, f"burst-{i}", Sql("SELECT 1"))
+        await wait_until(lambda: pool._closing == 0)
+        assert pool.statistics()["actors_open"] == cap
+        assert pool.statistics()["evicted"] == 200 - cap
+
+
+async def test_shardlite_statements_are_not_held_to_the_tenants_time_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadline left over from an earlier call must not interrupt BEGIN, COMMIT or KV."""
+    import shardlite.actor._actor as actor_module
+    from shardlite.actor import KvGet, KvPut
+
+    monkeypatch.setattr(actor_module, "PROGRESS_STEPS", 1)  # look at the clock every step
+    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v)"))
+        actor = pool._actors["k"]
+        for i in range(50):
+            actor._deadline = 0.0  # as if the last statement ran long ago
+            await pool.call("k", Sql("INSERT INTO t VALUES (?)", [i]))
+            actor._deadline = 0.0
+            await pool.call("k", KvPut("n", i))
+            actor._deadline = 0.0
+            assert (await pool.call("k", KvGet("n"))).value == i
+        assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(50,)]
