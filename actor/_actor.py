@@ -123,7 +123,8 @@ class Call:
         self.tag = tag
 
 
-Delivery = tuple[Sink, Any, "Result | Error"]
+Replies = tuple[list[Call], list["Result | Error"]]
+"""A committed batch's calls and their results, waiting for the output gate."""
 
 
 class State(enum.Enum):
@@ -173,15 +174,14 @@ class Actor:
         self._cursor: apsw.Cursor | None = None
         self._deadline = 0.0
         self._stmt_count = 0
-        self._stmt_readonly = True
-        self._columns: list[str] | None = None
+        self._description: tuple[tuple[str, str | None], ...] = ()
         self._wrote = False
         self.wal_pages = 0
         # durability bookkeeping, owned by the DurabilityPolicy
         self.written_gen = 0
         self.synced_gen = 0
         self.flushing = False
-        self.pending: deque[tuple[int, list[Delivery]]] = deque()
+        self.pending: deque[tuple[int, list[Call], list[Result | Error]]] = deque()
         self.wal_fd: int | None = None
         self.dir_sync_needed = 0
         """Directory levels above the file to fsync on the next flush (see fdatasync_wal)."""
@@ -266,13 +266,13 @@ class Actor:
         return apsw.SQLITE_OK
 
     def _exec_trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
-        if not cursor.has_vdbe:  # only whitespace or comments
-            return True
-        self._stmt_count += 1
-        if self._stmt_count > 1:
-            return False
-        self._stmt_readonly = cursor.is_readonly
-        self._columns = [d[0] for d in cursor.get_description()]
+        # Called before each statement runs: the one place where the column names of a
+        # query that returns no rows can still be read. Keep it lean: it runs per call.
+        if cursor.has_vdbe:  # not just whitespace or comments
+            self._stmt_count += 1
+            if self._stmt_count > 1:
+                return False
+            self._description = cursor.get_description()
         return True
 
     def _internal(self, sql: str) -> None:
@@ -315,8 +315,7 @@ class Actor:
             results = [Internal(f"unexpected failure: {type(exc).__name__}")] * len(calls)
             self.broken = True
         wrote, self._wrote = self._wrote, False
-        deliveries = [(c.sink, c.tag, r) for c, r in zip(calls, results, strict=True)]
-        self.durability.committed(self, deliveries, wrote)
+        self.durability.committed(self, calls, results, wrote)
 
     def _run_transaction(self, calls: list[Call]) -> list[Result | Error]:
         conn = self.conn
@@ -348,10 +347,13 @@ class Actor:
         assert conn is not None
         # A call that may run several statements gets a savepoint, so a failure after the
         # first one undoes all. One statement needs none: SQLite undoes a failed statement.
-        multi = type(op) is Batch or (type(op) is Sql and ";" in op.sql.rstrip(_TRAILING))
+        if type(op) is Sql:
+            sql = op.sql
+            multi = ";" in sql and ";" in sql.rstrip(_TRAILING)
+        else:
+            multi = type(op) is Batch
         if multi:
             self._internal(_SAVEPOINT)
-        self._deadline = _clock() + self.config.statement_timeout_s
         try:
             result = self._apply(op)
         except _Undo as undo:
@@ -405,7 +407,6 @@ class Actor:
         cursor = self._cursor
         assert conn is not None and cursor is not None
         self._stmt_count = 0
-        self._columns = None
         self._deadline = _clock() + self.config.statement_timeout_s
         before = conn.total_changes()
         try:
@@ -415,16 +416,17 @@ class Actor:
             raise BadRequest(
                 "sql holds more than one statement; send one per request, or use a batch"
             ) from None
-        if self._columns is None:
+        if self._stmt_count == 0:
             raise BadRequest("sql is empty: it holds no statement")
+        changed = conn.total_changes() != before
         if rows:
             too_large = _check_result_size(rows, self.config.max_result_bytes)
             if too_large is not None:
                 # a write (INSERT ... RETURNING) that cannot answer must not stay applied
-                raise too_large if self._stmt_readonly else _Undo(too_large)
-        changed = conn.total_changes() != before
+                raise _Undo(too_large) if changed else too_large
+        description = self._description
         return SqlResult(
-            self._columns,
+            [d[0] for d in description] if description else [],
             rows,
             conn.changes() if changed else 0,
             conn.last_insert_rowid(),

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 
 import trio
 
-from ._actor import Actor, Delivery
+from ._actor import Actor, Call
 from ._config import ActorConfig, Durability
-from ._errors import Internal
+from ._errors import Error, Internal
+from ._ops import Result
 
 log = logging.getLogger("shardlite.actor")
 
@@ -32,8 +33,10 @@ SyncFn = Callable[[Actor], None]
 
 
 class DurabilityPolicy(Protocol):
-    def committed(self, actor: Actor, deliveries: list[Delivery], wrote: bool) -> None:
-        """A batch committed; release ``deliveries`` once it is durable."""
+    def committed(
+        self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool
+    ) -> None:
+        """A batch committed; deliver ``results`` to ``calls`` once it is durable."""
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background work of the policy (the flusher), until cancelled."""
@@ -41,9 +44,9 @@ class DurabilityPolicy(Protocol):
     def statistics(self) -> dict[str, Any]: ...
 
 
-def deliver(deliveries: list[Delivery]) -> None:
-    for sink, tag, result in deliveries:
-        sink.deliver(tag, result)
+def deliver(calls: list[Call], results: list[Result | Error]) -> None:
+    for call, result in zip(calls, results, strict=True):
+        call.sink.deliver(call.tag, result)
 
 
 class OsDurability:
@@ -52,8 +55,10 @@ class OsDurability:
     def __init__(self) -> None:
         self.on_released: Callable[[Actor], None] = lambda actor: None
 
-    def committed(self, actor: Actor, deliveries: list[Delivery], wrote: bool) -> None:
-        deliver(deliveries)
+    def committed(
+        self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool
+    ) -> None:
+        deliver(calls, results)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -100,13 +105,15 @@ class FsyncDurability:
         self.syncs = 0
         self.failures = 0
 
-    def committed(self, actor: Actor, deliveries: list[Delivery], wrote: bool) -> None:
+    def committed(
+        self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool
+    ) -> None:
         if wrote:
             actor.written_gen += 1
         if actor.written_gen == actor.synced_gen:
-            deliver(deliveries)
+            deliver(calls, results)
             return
-        actor.pending.append((actor.written_gen, deliveries))
+        actor.pending.append((actor.written_gen, calls, results))
         if wrote and not actor.flushing and actor not in self._queued:
             self._queued.add(actor)
             self._dirty.append(actor)
@@ -143,7 +150,8 @@ class FsyncDurability:
                 continue
             actor.synced_gen = target
             while actor.pending and actor.pending[0][0] <= target:
-                deliver(actor.pending.popleft()[1])
+                _, calls, results = actor.pending.popleft()
+                deliver(calls, results)
             if actor.written_gen > actor.synced_gen and actor not in self._queued:
                 self._queued.add(actor)
                 self._dirty.append(actor)
@@ -167,8 +175,8 @@ class FsyncDurability:
         log.error("fdatasync of %s failed: %s; failing its pending replies", actor.path, exc)
         err = Internal(f"the write could not be made durable ({exc}); it may or may not be applied")
         while actor.pending:
-            for sink, tag, _ in actor.pending.popleft()[1]:
-                sink.deliver(tag, err)
+            for call in actor.pending.popleft()[1]:
+                call.sink.deliver(call.tag, err)
         actor.synced_gen = actor.written_gen
         actor.broken = True
         self.on_released(actor)

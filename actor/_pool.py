@@ -25,7 +25,7 @@ from typing import Any
 import apsw
 import trio
 
-from ._actor import Actor, Call, Delivery, Exclusive, Sink, State, _map_error
+from ._actor import Actor, Call, Exclusive, Sink, State, _map_error
 from ._config import ActorConfig
 from ._durability import FsyncDurability, OsDurability, make_durability
 from ._errors import Error, Internal, Overloaded, Unavailable
@@ -436,4 +436,4 @@ async def open_actor_pool(
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["ActorPool", "Delivery", "Sink", "Waiter", "open_actor_pool"]
+__all__ = ["ActorPool", "Sink", "Waiter", "open_actor_pool"]

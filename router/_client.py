@@ -35,7 +35,7 @@ class RpcTransport:
         self._timeout = timeout
         self._sock: socket.socket | None = None
         self._reader = wire.FrameReader(1 << 31)
-        self._frames: list[bytes] = []
+        self._frames: list[memoryview] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 

@@ -128,42 +128,63 @@ def guess_id(payload: bytes | memoryview) -> int:
 
 
 class FrameReader:
-    """Splits a byte stream into frames; ``feed`` returns the complete payloads."""
+    """Splits a byte stream into frames; ``feed`` returns the complete payloads.
 
-    __slots__ = ("_buf", "max_frame")
+    Payloads are zero-copy views of the received chunk (msgspec decodes them directly);
+    only a frame cut across two chunks is copied, to join its parts.
+    """
+
+    __slots__ = ("_have", "_need", "_parts", "max_frame")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME_BYTES) -> None:
-        self._buf = bytearray()
+        self._parts: list[bytes] = []  # the start of an incomplete frame, in pieces
+        self._have = 0
+        self._need = 0  # bytes that piece must reach before a frame can complete
         self.max_frame = max_frame
 
-    def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
-        out: list[bytes] = []
+    def feed(self, data: bytes | bytearray) -> list[memoryview]:
+        if type(data) is not bytes:
+            data = bytes(data)  # views must not see a buffer that changes later
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []  # a large frame still arriving: join once, not per chunk
+            data = b"".join(self._parts)
+            self._parts.clear()
+        view = memoryview(data)
+        out: list[memoryview] = []
         pos = 0
-        n = len(buf)
+        n = len(data)
         while n - pos >= HEADER_BYTES:
-            size = int.from_bytes(buf[pos : pos + HEADER_BYTES], "big")
+            size = int.from_bytes(view[pos : pos + HEADER_BYTES], "big")
             if size > self.max_frame:
                 raise FrameTooLarge(size, self.max_frame, out)
             end = pos + HEADER_BYTES + size
             if end > n:
                 break
-            out.append(bytes(buf[pos + HEADER_BYTES : end]))
+            out.append(view[pos + HEADER_BYTES : end])
             pos = end
-        if pos:
-            del buf[:pos]
+        if pos < n:
+            rest = data[pos:]
+            self._parts.append(rest)
+            self._have = len(rest)
+            self._need = (
+                HEADER_BYTES + int.from_bytes(rest[:HEADER_BYTES], "big")
+                if len(rest) >= HEADER_BYTES
+                else HEADER_BYTES
+            )
         return out
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return self._have if self._parts else 0
 
 
 class FrameTooLarge(Exception):
     """A frame header over the limit; ``frames`` are the complete frames read before it."""
 
-    def __init__(self, size: int, limit: int, frames: list[bytes] | None = None) -> None:
+    def __init__(self, size: int, limit: int, frames: list[memoryview] | None = None) -> None:
         super().__init__(f"frame of {size} bytes is over the limit of {limit} bytes")
         self.size = size
         self.limit = limit
