@@ -209,19 +209,18 @@ class Actor:
         # and so does the fan-out directory's own entry if it was just made
         self.dir_sync_needed = 2 if new_fanout else 1
 
-    def close_blocking(self) -> None:
-        """Checkpoint and close the file. Blocking: run it in a worker thread.
+    def close(self) -> None:
+        """Close the file. Run :meth:`checkpoint_blocking` first, in a worker thread.
 
-        The explicit checkpoint matters: apsw holds the GIL through ``close()`` (which
-        would checkpoint too), stalling the event loop, but not through the checkpoint.
+        apsw holds the GIL through ``close()``, which checkpoints whatever the WAL still
+        holds: in a worker thread that stalls the event loop anyway, and the loop thread
+        then waits up to a GIL switch interval (5 ms) after each SQLite call that
+        released it. After a checkpoint the close itself is quick: run it inline.
         """
         conn, self.conn, self._cursor = self.conn, None, None
         try:
             if conn is not None:
-                try:
-                    conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
-                finally:
-                    conn.close()
+                conn.close()
         finally:
             if self.wal_fd is not None:
                 os.close(self.wal_fd)

@@ -38,8 +38,8 @@ RUN_SLICE_S = 0.005
 """How long one caller of run_ready() runs actors before leaving the rest to the runner."""
 REAP_INTERVAL_MAX_S = 5.0
 DRAIN_TIMEOUT_S = 30.0
-OPEN_THREADS = 8
-"""Actor files opened (or created: that syncs) concurrently in worker threads."""
+CREATE_THREADS = 4
+"""Actor files created (which syncs their header) concurrently in worker threads."""
 
 _clock = time.monotonic
 
@@ -87,7 +87,7 @@ class ActorPool:
         self._nursery: trio.Nursery | None = None
         self._open = 0
         self._closing = 0
-        self._open_limiter = trio.CapacityLimiter(OPEN_THREADS)
+        self._open_limiter = trio.CapacityLimiter(CREATE_THREADS)
         self.closing = False
         # counters for statistics()
         self.opened = 0
@@ -145,9 +145,15 @@ class ActorPool:
                 self._start_exclusive(actor)
                 continue
             if actor.state is State.CLOSED:
-                actor.state = State.BUSY  # opening runs in a worker thread (it may fsync)
-                self._spawn(self._open_actor, actor)
-                continue
+                if not os.path.exists(actor.path):
+                    # creating a file syncs its header: a worker thread does it
+                    actor.state = State.BUSY
+                    self._spawn(self._create_actor, actor)
+                    continue
+                # opening an existing file is a few hundred µs of syscalls: inline (a
+                # thread hop costs as much, and each opening thread grows a malloc arena)
+                if not self._open_inline(actor):
+                    continue
             before = actor.calls
             actor.run_batch()
             self.batches += 1
@@ -182,25 +188,40 @@ class ActorPool:
 
     # ------------------------------------------------------------------ residency
 
-    async def _open_actor(self, actor: Actor) -> None:
+    async def _create_actor(self, actor: Actor) -> None:
         with trio.CancelScope(shield=True):
             try:
                 await trio.to_thread.run_sync(actor.open, limiter=self._open_limiter)
             except (Error, apsw.Error, OSError) as exc:
-                err = exc if isinstance(exc, Error) else _open_error(actor, exc)
-                log.warning("actor %r: cannot open %s: %s", actor.key, actor.path, exc)
-                actor.state = State.CLOSED
-                while actor.mailbox:
-                    call = actor.mailbox.popleft()
-                    call.sink.deliver(call.tag, err)
-                self._forget(actor)
+                self._open_failed(actor, exc)
                 return
+        self._opened(actor)
+        self._after_busy(actor)
+
+    def _open_inline(self, actor: Actor) -> bool:
+        try:
+            actor.open()
+        except (Error, apsw.Error, OSError) as exc:
+            self._open_failed(actor, exc)
+            return False
+        self._opened(actor)
+        return True
+
+    def _opened(self, actor: Actor) -> None:
         actor.state = State.OPEN
         self._open += 1
         self.opened += 1
         if self._open - self._closing > self.config.max_open_actors:
             self._evict()
-        self._after_busy(actor)
+
+    def _open_failed(self, actor: Actor, exc: BaseException) -> None:
+        err = exc if isinstance(exc, Error) else _open_error(actor, exc)
+        log.warning("actor %r: cannot open %s: %s", actor.key, actor.path, exc)
+        actor.state = State.CLOSED
+        while actor.mailbox:
+            call = actor.mailbox.popleft()
+            call.sink.deliver(call.tag, err)
+        self._forget(actor)
 
     def _evict(self) -> None:
         # actors already closing still hold their files but must not be counted twice
@@ -248,10 +269,13 @@ class ActorPool:
     async def _close(self, actor: Actor) -> None:
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(actor.close_blocking)
+                await trio.to_thread.run_sync(actor.checkpoint_blocking)
+            except apsw.Error:
+                log.exception("actor %r: checkpoint before close failed", actor.key)
+            try:
+                actor.close()
             except apsw.Error:
                 log.exception("actor %r: close failed", actor.key)
-                actor.state = State.CLOSED
         self._open -= 1
         self._closing -= 1
         actor.broken = False
@@ -313,7 +337,8 @@ class ActorPool:
 
     async def _delete_files(self, actor: Actor) -> bool:
         if actor.conn is not None:
-            await trio.to_thread.run_sync(actor.close_blocking)
+            await trio.to_thread.run_sync(actor.checkpoint_blocking)
+            actor.close()
 
         def unlink() -> bool:
             existed = False
