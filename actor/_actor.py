@@ -11,6 +11,7 @@ releases them when the commit is durable (the output gate).
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import os
 import time
@@ -83,7 +84,6 @@ _KV_LIST = internal_sql(
 )
 # Transaction control is internal SQL too: a tenant's "COMMIT" must never hit our cached
 # statement, which SQLite would run without asking the authorizer again.
-_TRAILING = " \t\r\n;"
 _BEGIN = internal_sql("BEGIN")
 _COMMIT = internal_sql("COMMIT")
 _ROLLBACK = internal_sql("ROLLBACK")
@@ -134,15 +134,6 @@ class State(enum.Enum):
     """A blocking operation (checkpoint, close, export) runs in a worker thread."""
 
 
-class _Undo(Exception):
-    """A statement completed but its call must fail (e.g. its result is too large): its
-    writes must be undone, although SQLite considers the statement a success."""
-
-    def __init__(self, error: Error) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 class _TxnLost(Exception):
     """SQLite rolled back the whole transaction (interrupt, disk full, ...)."""
 
@@ -174,6 +165,8 @@ class Actor:
         self._cursor: apsw.Cursor | None = None
         self._deadline = 0.0
         self._stmt_count = 0
+        self._single = True  # the running call allows one statement only
+        self._savepoint = False  # the running call has opened its savepoint
         self._description: tuple[tuple[str, str | None], ...] = ()
         self._wrote = False
         self.wal_pages = 0
@@ -183,8 +176,8 @@ class Actor:
         self.flushing = False
         self.pending: deque[tuple[int, list[Call], list[Result | Error]]] = deque()
         self.wal_fd: int | None = None
-        self.dir_sync_needed = 0
-        """Directory levels above the file to fsync on the next flush (see fdatasync_wal)."""
+        self.dir_sync_needed = False
+        """The WAL's directory entry must be synced on the next flush (fdatasync_wal)."""
         self.broken = False
         self.want_checkpoint = False
         self.released: trio.Event | None = None
@@ -196,8 +189,14 @@ class Actor:
 
     def open(self, *, create: bool = True) -> None:
         """Open (or create) the file. Blocking (creating syncs the header): worker thread."""
-        new_fanout = not os.path.isdir(os.path.dirname(self.path))
+        new_file = create and not os.path.lexists(self.path)
         conn, auth = open_actor_db(self.path, self.key, self.config, create=create)
+        if new_file:
+            # the file's name must survive a power cut as surely as its header: sync the
+            # fan-out directory, and the shard directory that may have just gained it
+            fanout = os.path.dirname(self.path)
+            sync_directory(fanout)
+            sync_directory(os.path.dirname(fanout))
         self.conn = conn
         self._auth = auth
         conn.set_progress_handler(self._progress, PROGRESS_STEPS)
@@ -205,9 +204,8 @@ class Actor:
         cursor = conn.cursor()
         cursor.exec_trace = self._exec_trace
         self._cursor = cursor
-        # the WAL is created anew after every open: its directory entry needs a sync,
-        # and so does the fan-out directory's own entry if it was just made
-        self.dir_sync_needed = 2 if new_fanout else 1
+        # the WAL is created anew after every open: its directory entry needs a sync
+        self.dir_sync_needed = True
 
     def close(self) -> None:
         """Close the file. Run :meth:`checkpoint_blocking` first, in a worker thread.
@@ -225,7 +223,16 @@ class Actor:
             if self.wal_fd is not None:
                 os.close(self.wal_fd)
                 self.wal_fd = None
-            self.state = State.CLOSED
+
+    def size_bytes(self) -> int:
+        """About how large an exported copy of the file would be."""
+        conn, auth = self.conn, self._auth
+        assert conn is not None and auth is not None
+        auth.trusted = True
+        try:
+            return int(conn.pragma("page_count")) * int(conn.pragma("page_size"))
+        finally:
+            auth.trusted = False
 
     def checkpoint_blocking(self) -> None:
         """Copy the WAL into the database and truncate it. Blocking: worker thread."""
@@ -265,12 +272,20 @@ class Actor:
         return apsw.SQLITE_OK
 
     def _exec_trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
-        # Called before each statement runs: the one place where the column names of a
-        # query that returns no rows can still be read. Keep it lean: it runs per call.
+        # Called after a tenant statement is prepared and before it runs: the one place
+        # where the column names of a query that returns no rows can still be read, and
+        # where a savepoint can be opened just in time for the call's first write (so a
+        # failed call never leaves partial writes: OR FAIL, RAISE(FAIL), a RETURNING
+        # write whose rows cannot be sent). Reads pay nothing. Keep it lean: per call.
         if cursor.has_vdbe:  # not just whitespace or comments
             self._stmt_count += 1
-            if self._stmt_count > 1:
+            if self._stmt_count > 1 and self._single:
                 return False
+            if not self._savepoint and not cursor.is_readonly:
+                deadline = self._deadline
+                self._internal(_SAVEPOINT)
+                self._deadline = deadline
+                self._savepoint = True
             self._description = cursor.get_description()
         return True
 
@@ -292,9 +307,12 @@ class Actor:
     # ------------------------------------------------------------------ the batch
 
     def run_batch(self) -> None:
-        """Run up to ``max_batch`` calls from the mailbox as one transaction.
+        """Run calls from the mailbox as one transaction (group commit).
 
-        Stops before an :class:`Exclusive` entry: the pool runs that one on its own.
+        At most ``max_batch`` calls, stopping before an :class:`Exclusive` entry (the
+        pool runs that one on its own) and once the batch has run for a statement
+        budget: calls left over go back to the front of the mailbox, so one tenant's
+        slow calls hold the event loop for a bounded time.
         """
         mailbox = self.mailbox
         calls: list[Call] = []
@@ -304,7 +322,6 @@ class Actor:
         if not calls:
             return
         self.batches += 1
-        self.calls += len(calls)
         try:
             results = self._run_transaction(calls)
         except Exception as exc:  # a bug: fail this batch, reset the actor, keep the shard up
@@ -313,55 +330,69 @@ class Actor:
                 self._internal(_ROLLBACK)
             results = [Internal(f"unexpected failure: {type(exc).__name__}")] * len(calls)
             self.broken = True
+        if len(results) < len(calls):
+            mailbox.extendleft(reversed(calls[len(results) :]))
+            del calls[len(results) :]
+        self.calls += len(calls)
         wrote, self._wrote = self._wrote, False
         self.durability.committed(self, calls, results, wrote)
 
     def _run_transaction(self, calls: list[Call]) -> list[Result | Error]:
+        """Run ``calls`` in order; return the results of the leading calls that ran.
+
+        If SQLite rolls back the whole transaction (an interrupted write, a full disk),
+        the failing call keeps its error and the calls that had succeeded in that
+        transaction run again, then commit on their own: each call runs at most twice.
+        """
         conn = self.conn
         assert conn is not None
-        results: list[Result | Error | None] = [None] * len(calls)
-        failed: set[int] = set()
-        while True:
-            i = 0
-            try:
-                self._internal(_BEGIN)
-                for i, call in enumerate(calls):
-                    if i not in failed:
-                        results[i] = self._run_call(call.op)  # type: ignore[arg-type]
-                self._internal(_COMMIT)
-                return results  # type: ignore[return-value]
-            except _TxnLost as lost:
-                # the failed call keeps its error; every other call runs again
-                results[i] = lost.error
-                failed.add(i)
-            except apsw.Error as exc:
-                # COMMIT itself failed (disk full, I/O error): nothing in the batch applied
-                if not conn.get_autocommit():
-                    self._internal(_ROLLBACK)
-                err = _map_error(exc, self._auth)
-                return [err] * len(calls)
+        results: list[Result | Error] = []
+        todo = deque(range(len(calls)))
+        in_txn: list[int] = []  # calls whose writes the open transaction holds
+        redo = 0  # calls to run again before anything new
+        stop_at = _clock() + self.config.statement_timeout_s
+        self._internal(_BEGIN)
+        try:
+            while todo:
+                i = todo.popleft()
+                try:
+                    result = self._run_call(calls[i].op)  # type: ignore[arg-type]
+                except _TxnLost as lost:
+                    result = lost.error
+                    todo.extendleft(reversed(in_txn))
+                    redo, in_txn = len(in_txn), []
+                    self._internal(_BEGIN)
+                else:
+                    in_txn.append(i)
+                    if redo:
+                        redo -= 1
+                        if redo == 0:  # the redone calls commit alone: never redone twice
+                            self._internal(_COMMIT)
+                            in_txn = []
+                            self._internal(_BEGIN)
+                if i < len(results):
+                    results[i] = result
+                else:
+                    results.append(result)
+                if not redo and todo and _clock() > stop_at:
+                    break
+            self._internal(_COMMIT)
+        except apsw.Error as exc:
+            # COMMIT failed (disk full, I/O error): the calls of that transaction are lost
+            if not conn.get_autocommit():
+                self._internal(_ROLLBACK)
+            err = _map_error(exc, self._auth)
+            for i in in_txn:
+                results[i] = err
+        return results
 
     def _run_call(self, op: Op) -> Result | Error:
         conn = self.conn
         assert conn is not None
-        # A call that may run several statements gets a savepoint, so a failure after the
-        # first one undoes all. One statement needs none: SQLite undoes a failed statement.
-        if type(op) is Sql:
-            sql = op.sql
-            multi = ";" in sql and ";" in sql.rstrip(_TRAILING)
-        else:
-            multi = type(op) is Batch
-        if multi:
-            self._internal(_SAVEPOINT)
+        self._single = type(op) is Sql
+        self._savepoint = False
         try:
             result = self._apply(op)
-        except _Undo as undo:
-            if multi:
-                self._internal(_ROLLBACK_TO)
-                self._internal(_RELEASE)
-                return undo.error
-            self._internal(_ROLLBACK)
-            raise _TxnLost(undo.error) from None
         except apsw.Error as exc:
             err: Error = _map_error(exc, self._auth)
         except Error as exc:
@@ -369,15 +400,25 @@ class Actor:
         except (KeyError, TypeError, OverflowError, ValueError) as exc:
             err = BadRequest(f"bad parameters: {_describe(exc)}")
         else:
-            if multi:
+            if self._savepoint:
                 self._internal(_RELEASE)
             return result
-        if conn.get_autocommit():
+        self._reset_cursor()
+        if conn.get_autocommit():  # SQLite rolled back the whole transaction
             raise _TxnLost(err)
-        if multi:
+        if self._savepoint:
             self._internal(_ROLLBACK_TO)
             self._internal(_RELEASE)
         return err
+
+    def _reset_cursor(self) -> None:
+        """A fresh cursor: a statement that failed mid-way must not stay in progress."""
+        assert self.conn is not None
+        if self._cursor is not None:
+            self._cursor.close(True)
+        cursor = self.conn.cursor()
+        cursor.exec_trace = self._exec_trace
+        self._cursor = cursor
 
     def _apply(self, op: Op) -> Result:
         if type(op) is Sql:
@@ -410,24 +451,22 @@ class Actor:
         before = conn.total_changes()
         try:
             cursor.execute(sql, params if params is not None else ())
-            rows = cursor.fetchall()
+            rows = _fetch(cursor, self.config.max_result_bytes)
         except apsw.ExecTraceAbort:
             raise BadRequest(
                 "sql holds more than one statement; send one per request, or use a batch"
             ) from None
+        except UnicodeDecodeError as exc:
+            raise BadRequest(
+                f"a text value in the result is not valid UTF-8 ({exc.reason})"
+            ) from None
         if self._stmt_count == 0:
             raise BadRequest("sql is empty: it holds no statement")
-        changed = conn.total_changes() != before
-        if rows:
-            too_large = _check_result_size(rows, self.config.max_result_bytes)
-            if too_large is not None:
-                # a write (INSERT ... RETURNING) that cannot answer must not stay applied
-                raise _Undo(too_large) if changed else too_large
         description = self._description
         return SqlResult(
             [d[0] for d in description] if description else [],
             rows,
-            conn.changes() if changed else 0,
+            conn.changes() if conn.total_changes() != before else 0,
             conn.last_insert_rowid(),
         )
 
@@ -435,6 +474,7 @@ class Actor:
         conn = self.conn
         auth = self._auth
         assert conn is not None and auth is not None
+        self._deadline = _NO_DEADLINE
         if isinstance(op, KvList):
             if not 0 < op.limit <= MAX_KV_LIST_LIMIT:
                 raise BadRequest(f"limit must be between 1 and {MAX_KV_LIST_LIMIT}, got {op.limit}")
@@ -499,16 +539,41 @@ def _prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
-def _check_result_size(rows: list[tuple[Any, ...]], limit: int) -> TooLarge | None:
+_FETCH_CHUNK = 256
+
+
+def sync_directory(path: str) -> None:
+    """fsync a directory, making the names in it durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fetch(cursor: apsw.Cursor, limit: int) -> list[tuple[Any, ...]]:
+    """All rows of the running statement, stopping as soon as they pass ``limit`` bytes."""
+    rows = list(itertools.islice(cursor, _FETCH_CHUNK))
+    size = _size(rows)
+    while size <= limit and len(rows) % _FETCH_CHUNK == 0:
+        chunk = list(itertools.islice(cursor, _FETCH_CHUNK))
+        if not chunk:
+            break
+        size += _size(chunk)
+        rows += chunk
+    if size > limit:
+        raise TooLarge(
+            f"the result is larger than {limit} bytes; select fewer rows (LIMIT/OFFSET) or columns"
+        )
+    return rows
+
+
+def _size(rows: list[tuple[Any, ...]]) -> int:
     size = 0
     for row in rows:
         for v in row:
             size += len(v) if isinstance(v, (str, bytes)) else 9
-        if size > limit:
-            return TooLarge(
-                f"the result is larger than {limit} bytes; select fewer rows (LIMIT/OFFSET) or columns"
-            )
-    return None
+    return size
 
 
 def _describe(exc: BaseException) -> str:

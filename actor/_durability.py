@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ._actor import Actor, Call
+from ._actor import Actor, Call, sync_directory
 from ._config import ActorConfig, Durability
 from ._errors import Error, Internal
 from ._ops import Result
@@ -80,14 +80,8 @@ def fdatasync_wal(actor: Actor) -> None:
         actor.wal_fd = os.open(actor.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
     os.fdatasync(actor.wal_fd)
     if actor.dir_sync_needed:
-        fanout = os.path.dirname(actor.path)
-        for directory in (fanout, os.path.dirname(fanout))[: actor.dir_sync_needed]:
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        actor.dir_sync_needed = 0
+        sync_directory(os.path.dirname(actor.path))
+        actor.dir_sync_needed = False
 
 
 class FsyncDurability:

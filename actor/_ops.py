@@ -91,7 +91,13 @@ class KvItems(msgspec.Struct, array_like=True):
     items: list[tuple[str, Any]]
 
 
-Result: TypeAlias = SqlResult | BatchResult | KvValue | KvOk | Deleted | KvItems
+class ExportResult(msgspec.Struct, array_like=True):
+    """A consistent copy of an actor's SQLite file."""
+
+    data: bytes
+
+
+Result: TypeAlias = SqlResult | BatchResult | KvValue | KvOk | Deleted | KvItems | ExportResult
 
 MAX_KV_NAME_BYTES = 2048
 MAX_KV_LIST_LIMIT = 1000

@@ -25,12 +25,12 @@ from typing import Any
 import apsw
 import trio
 
-from ._actor import Actor, Call, Exclusive, Sink, State, _map_error
+from ._actor import Actor, Call, Exclusive, Sink, State, _map_error, sync_directory
 from ._config import ActorConfig
 from ._durability import FsyncDurability, OsDurability, make_durability
-from ._errors import Error, Internal, Overloaded, Unavailable
+from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
 from ._keys import resolve_actor_path, validate_key
-from ._ops import Op
+from ._ops import Deleted, ExportResult, Op
 
 log = logging.getLogger("shardlite.actor")
 
@@ -47,16 +47,27 @@ _clock = time.monotonic
 class Waiter:
     """A sink for one call awaited by one task (HTTP handlers, in-process callers)."""
 
-    __slots__ = ("_event", "_result")
+    __slots__ = ("_discard", "_event", "_result")
 
     def __init__(self) -> None:
         self._result: Any = None
         self._event: trio.Event | None = None
+        self._discard: Callable[[Any], None] | None = None
 
     def deliver(self, tag: Any, result: Any) -> None:
+        if self._discard is not None:
+            self._discard(result)
+            return
         self._result = (result,)
         if self._event is not None:
             self._event.set()
+
+    def abandon(self, discard: Callable[[Any], None]) -> None:
+        """The waiting task is gone: hand the result, now or later, to ``discard``."""
+        if self._result is not None:
+            discard(self._result[0])
+        else:
+            self._discard = discard
 
     async def wait(self) -> Any:
         if self._result is None:
@@ -101,22 +112,22 @@ class ActorPool:
 
     def submit_nowait(self, key: str, calls: list[Call]) -> None:
         """Queue ``calls`` for ``key``'s actor. Raises Overloaded/Unavailable/BadRequest."""
+        if self.closing:
+            raise Unavailable("the server is shutting down; retry on another server")
         actor = self._actors.get(key)
+        queued = len(actor.mailbox) if actor is not None else 0
+        if queued + len(calls) > self.config.mailbox_size:
+            self.overloaded += 1
+            raise Overloaded(
+                f"actor {key!r} has {queued} calls queued; retry shortly", retry_after=1.0
+            )
         if actor is None:
-            if self.closing:
-                raise Unavailable("the server is shutting down; retry on another server")
             validate_key(key)
             path = resolve_actor_path(self._locate(key), key)
             actor = Actor(key, path, self.config, self.durability)
             self._actors[key] = actor
         else:
             self._actors.move_to_end(key)
-        if len(actor.mailbox) + len(calls) > self.config.mailbox_size:
-            self.overloaded += 1
-            raise Overloaded(
-                f"actor {key!r} has {len(actor.mailbox)} calls queued; retry shortly",
-                retry_after=1.0,
-            )
         actor.mailbox.extend(calls)
         self._schedule(actor)
 
@@ -139,6 +150,9 @@ class ActorPool:
             actor = ready.popleft()
             actor.scheduled = False
             if actor.state is State.BUSY or actor.want_checkpoint or not actor.mailbox:
+                continue
+            if actor.broken:  # reopen from disk before anything else runs
+                self._maybe_maintain(actor)
                 continue
             actor.last_used = now
             if type(actor.mailbox[0].op) is Exclusive:
@@ -178,13 +192,29 @@ class ActorPool:
 
     async def delete(self, key: str) -> bool:
         """Remove ``key``'s actor and its file, after the calls queued before this one."""
-        deleted: bool = await self.call(key, Exclusive(self._delete_files))
-        return deleted
+        result: Deleted = await self.call(key, self.delete_call())
+        return result.deleted
 
     async def export(self, key: str) -> str:
         """A consistent copy of the actor's file in a new temporary file; caller removes it."""
-        path: str = await self.call(key, Exclusive(self._export_file))
+        waiter = Waiter()
+        self.submit_nowait(key, [Call(Exclusive(self._export_file), waiter)])
+        self.wake_runner()
+        try:
+            path: str = await waiter.wait()
+        except trio.Cancelled:
+            waiter.abandon(_remove_file)  # nobody will stream the copy: do not leak it
+            raise
         return path
+
+    def delete_call(self) -> Exclusive:
+        """An operation that removes the actor and its file (result: :class:`Deleted`)."""
+        return Exclusive(self._delete_files)
+
+    def export_call(self, max_bytes: int) -> Exclusive:
+        """An operation returning the actor's file as bytes (:class:`ExportResult`);
+        files over ``max_bytes`` are refused with TooLarge before any copy is made."""
+        return Exclusive(functools.partial(self._export_bytes, max_bytes=max_bytes))
 
     # ------------------------------------------------------------------ residency
 
@@ -276,6 +306,7 @@ class ActorPool:
                 actor.close()
             except apsw.Error:
                 log.exception("actor %r: close failed", actor.key)
+        actor.state = State.CLOSED
         self._open -= 1
         self._closing -= 1
         actor.broken = False
@@ -317,6 +348,10 @@ class ActorPool:
                 await actor.released.wait()
             if actor.conn is None and was_open:
                 was_open = False
+            if actor.broken and actor.conn is not None:
+                # a failed fsync: what the connection caches may not be on disk; reopen
+                await self._reset(actor)
+                was_open = False
             try:
                 result: Any = await call.op.fn(actor)
             except Error as exc:
@@ -335,7 +370,16 @@ class ActorPool:
         call.sink.deliver(call.tag, result)
         self._after_busy(actor)
 
-    async def _delete_files(self, actor: Actor) -> bool:
+    async def _reset(self, actor: Actor) -> None:
+        try:
+            await trio.to_thread.run_sync(actor.checkpoint_blocking)
+        except apsw.Error:
+            log.exception("actor %r: checkpoint before reset failed", actor.key)
+        actor.close()
+        actor.broken = False
+        self._open -= 1
+
+    async def _delete_files(self, actor: Actor) -> Deleted:
         if actor.conn is not None:
             await trio.to_thread.run_sync(actor.checkpoint_blocking)
             actor.close()
@@ -349,14 +393,30 @@ class ActorPool:
                 except FileNotFoundError:
                     pass
             if existed:
-                fd = os.open(os.path.dirname(actor.path), os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                sync_directory(os.path.dirname(actor.path))
             return existed
 
-        return await trio.to_thread.run_sync(unlink)
+        return Deleted(await trio.to_thread.run_sync(unlink))
+
+    async def _export_bytes(self, actor: Actor, max_bytes: int) -> ExportResult:
+        if actor.conn is None:
+            await trio.to_thread.run_sync(functools.partial(actor.open, create=False))
+        size = actor.size_bytes()
+        if size > max_bytes:
+            raise TooLarge(
+                f"the actor's file is about {size} bytes, over the limit of {max_bytes}; "
+                "use GET /v1/actors/{key}/export over HTTP"
+            )
+        path = await self._export_file(actor)
+
+        def read() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            finally:
+                os.unlink(path)
+
+        return ExportResult(await trio.to_thread.run_sync(read))
 
     async def _export_file(self, actor: Actor) -> str:
         if actor.conn is None:
@@ -396,26 +456,35 @@ class ActorPool:
     async def aclose(self) -> None:
         """Stop taking calls, run what is queued, release every reply, close every file."""
         self.closing = True
-        with trio.CancelScope(shield=True), trio.move_on_after(DRAIN_TIMEOUT_S) as scope:
-            while True:
-                self.run_ready()
-                busy = [a for a in self._actors.values() if not a.idle]
-                if not busy and not self._ready:
-                    break
-                await trio.sleep(0.001)
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(DRAIN_TIMEOUT_S) as scope:
+                while True:
+                    self.run_ready()
+                    if not self._ready and all(a.idle for a in self._actors.values()):
+                        break
+                    await trio.sleep(0.001)
+            if scope.cancelled_caught:
+                log.error("actor pool: drain did not finish within %.0f s", DRAIN_TIMEOUT_S)
             for actor in list(self._actors.values()):
-                if actor.state is State.OPEN:
+                self._refuse_all(actor)
+                if actor.state is State.OPEN and not actor.flushing:
                     actor.state = State.BUSY
                     self._closing += 1
                     await self._close(actor)
-        if scope.cancelled_caught:
-            log.error("actor pool: drain did not finish within %.0f s", DRAIN_TIMEOUT_S)
-        for actor in list(self._actors.values()):
-            while actor.mailbox:
-                call = actor.mailbox.popleft()
-                call.sink.deliver(
-                    call.tag, Unavailable("the server shut down before this call ran")
-                )
+
+    @staticmethod
+    def _refuse_all(actor: Actor) -> None:
+        """Answer what could not run or be confirmed before shutdown."""
+        while actor.mailbox:
+            call = actor.mailbox.popleft()
+            call.sink.deliver(call.tag, Unavailable("the server shut down before this call ran"))
+        unknown = Unavailable(
+            "the server shut down before this write was confirmed durable; "
+            "it may or may not be applied"
+        )
+        while actor.pending:
+            for call in actor.pending.popleft()[1]:
+                call.sink.deliver(call.tag, unknown)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -430,6 +499,14 @@ class ActorPool:
             "calls": self.calls,
             "durability": self.durability.statistics(),
         }
+
+
+def _remove_file(result: Any) -> None:
+    if isinstance(result, str):
+        try:
+            os.unlink(result)
+        except FileNotFoundError:
+            pass
 
 
 def _open_error(actor: Actor, exc: BaseException) -> Error:

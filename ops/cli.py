@@ -64,9 +64,24 @@ def serve(**values: Any) -> None:
 
     try:
         trio.run(run)
-    except OSError as exc:
-        raise click.ClickException(f"cannot serve: {exc}") from None
+    except (OSError, BaseExceptionGroup) as exc:
+        reason = _os_error(exc)
+        if reason is None:
+            raise
+        raise click.ClickException(f"cannot serve: {reason}") from None
     click.echo("shardlite stopped")
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError (port in use, data directory locked, ...) behind a startup failure."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _os_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 @main.command()

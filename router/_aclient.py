@@ -138,16 +138,23 @@ class AsyncRpcTransport:
         req_id = next(self._ids)
         pending = _Pending()
         conn.pending[req_id] = pending
+        frame = wire.request_frame(req_id, key, op)
         try:
+            sending = sent = False
             try:
                 async with self._send_lock:
-                    await conn.stream.send(wire.request_frame(req_id, key, op))
+                    sending = True
+                    await conn.stream.send(frame)
+                    sent = True
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 conn.fail_all(exc)  # a frame may be half sent: the connection is unusable
                 raise proto.ConnectionLost(
                     f"connection to {self._target.base_url} lost ({exc}); "
                     "the request may or may not have been applied"
                 ) from None
+            finally:
+                if sending and not sent:  # cancelled mid-frame: the stream is out of step
+                    conn.fail_all(proto.ConnectionLost("a request was cancelled while sent"))
             with anyio.fail_after(self._timeout):
                 await pending.event.wait()
         finally:

@@ -18,6 +18,7 @@ from shardlite.actor import (
     BatchResult,
     Deleted,
     Error,
+    ExportResult,
     KvDelete,
     KvGet,
     KvItems,
@@ -141,7 +142,7 @@ def decode_http_result(op: wire.WireOp, status: int, content_type: str, body: by
         except (msgspec.DecodeError, KeyError, TypeError):
             raise Error(f"HTTP {status}: {body[:200]!r}") from None
     if isinstance(op, wire.Export):
-        return wire.ExportResult(body)
+        return ExportResult(body)
     data = msgspec.msgpack.decode(body)
     if isinstance(op, Sql):
         return _sql_result(data)

@@ -17,6 +17,7 @@ from shardlite.actor import (
     BatchResult,
     Deleted,
     Error,
+    ExportResult,
     KvDelete,
     KvGet,
     KvItems,
@@ -50,10 +51,6 @@ class Ping(msgspec.Struct, tag="ping", array_like=True, frozen=True):
 
 class Pong(msgspec.Struct, array_like=True):
     server: str
-
-
-class ExportResult(msgspec.Struct, array_like=True):
-    data: bytes
 
 
 WireOp: TypeAlias = Sql | Batch | KvGet | KvPut | KvDelete | KvList | Delete | Export | Ping

@@ -8,6 +8,7 @@ process exit.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gc
 import logging
@@ -55,6 +56,25 @@ def raise_fd_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
+class DataDirInUse(OSError):
+    """Another process serves this data directory."""
+
+
+def lock_data_dir(data: str) -> int:
+    """Hold an exclusive lock on DATA/.lock for the life of the process.
+
+    Two servers on one data directory would open the same SQLite files with separate
+    connections and unlink each other's files; the second one refuses to start.
+    """
+    fd = os.open(os.path.join(data, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirInUse(f"{data} is in use by another shardlite process") from None
+    return fd
+
+
 def shard_dir(data: str, shard: str = DEFAULT_SHARD) -> str:
     return os.path.join(os.path.abspath(data), "shards", shard)
 
@@ -71,6 +91,7 @@ async def run_server(
     data = os.path.abspath(settings.data)  # noqa: ASYNC240 (no I/O: a string operation)
     directory = shard_dir(data)
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    lock = lock_data_dir(data)
     fd_cap = max(16, (raise_fd_limit() - FDS_RESERVED) // FDS_PER_ACTOR[settings.durability])
     max_open = min(settings.max_open_actors, fd_cap)
     if max_open < settings.max_open_actors:
@@ -120,6 +141,7 @@ async def run_server(
             log.info("servers stopped; draining actors")
         log.info("all actors closed")
         outer.cancel_scope.cancel()
+    os.close(lock)
 
 
 def _host_for_url(host: str) -> str:

@@ -198,3 +198,98 @@ async def test_bad_parameters_are_bad_requests(pool: ActorPool) -> None:
         with pytest.raises(Error) as info:
             await pool.call("k", op)
         assert info.value.code == "bad_request", (op, info.value)
+
+
+async def test_or_fail_partial_writes_are_undone_with_the_failed_call(pool: ActorPool) -> None:
+    """INSERT OR FAIL keeps the rows before the failure; the call must not, on error."""
+    await pool.call("k", Sql("CREATE TABLE t(v UNIQUE)"))
+    await pool.call("k", Sql("CREATE TABLE u(v)"))
+    await pool.call(
+        "k",
+        Sql(
+            "CREATE TRIGGER tr BEFORE INSERT ON u WHEN new.v = 99 BEGIN SELECT raise(FAIL, 'nope'); END"
+        ),
+    )
+    results = await run_batch(
+        pool,
+        "k",
+        [
+            Sql("INSERT INTO t VALUES ('kept')"),
+            Sql("INSERT OR FAIL INTO t VALUES ('x'), ('y'), ('kept')"),
+            Sql("INSERT INTO u VALUES (1), (2), (99)"),
+            Sql("INSERT INTO t VALUES ('also kept')"),
+        ],
+    )
+    assert isinstance(results[1], Constraint) and isinstance(results[2], Constraint)
+    assert (await pool.call("k", Sql("SELECT v FROM t ORDER BY rowid"))).rows == [
+        ("kept",),
+        ("also kept",),
+    ]
+    assert (await pool.call("k", Sql("SELECT count(*) FROM u"))).rows == [(0,)]
+
+
+async def test_a_write_whose_result_cannot_be_sent_is_undone(pool: ActorPool) -> None:
+    await pool.call("k", Sql("CREATE TABLE t(v)"))
+    results = await run_batch(
+        pool,
+        "k",
+        [
+            Sql("INSERT INTO t VALUES (CAST(x'ff' AS TEXT)) RETURNING v"),  # not UTF-8
+            Sql("INSERT INTO t VALUES ('next')"),
+        ],
+    )
+    assert isinstance(results[0], Error) and results[0].code == "bad_request"
+    assert "UTF-8" in results[0].message
+    assert isinstance(results[1], SqlResult)
+    assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [("next",)]
+
+
+async def test_a_large_result_is_refused_without_being_built_whole(tmp_path: Any) -> None:
+    from shardlite.actor import ActorConfig, TooLarge, open_actor_pool
+
+    config = ActorConfig(max_result_bytes=100_000)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        with pytest.raises(TooLarge):
+            await pool.call(
+                "k",
+                Sql(
+                    "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) "
+                    "SELECT zeroblob(10000) FROM r LIMIT 100000"
+                ),
+            )
+        assert (await pool.call("k", Sql("SELECT 1"))).rows == [(1,)]
+
+
+async def test_slow_calls_are_split_across_batches_so_the_loop_is_not_held(tmp_path: Any) -> None:
+    """A batch stops taking calls once it has run for a statement budget."""
+    from shardlite.actor import ActorConfig, open_actor_pool
+
+    slow = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r"
+    config = ActorConfig(statement_timeout_s=0.02)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        before = pool.batches
+        results = await run_batch(pool, "k", [Sql(slow) for _ in range(6)])
+        assert all(isinstance(r, Timeout) for r in results)
+        assert pool.batches - before >= 3  # about two slow calls per batch, not six
+
+
+async def test_repeated_whole_transaction_rollbacks_run_each_call_at_most_twice(
+    tmp_path: Any,
+) -> None:
+    from shardlite.actor import ActorConfig, open_actor_pool
+
+    config = ActorConfig(statement_timeout_s=0.02)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v)"))
+        await pool.call("k", Sql("CREATE TABLE n(v)"))
+        await pool.call("k", Sql("INSERT INTO n VALUES (0)"))
+        count_runs = "UPDATE n SET v = v + 1"  # counts how often the good calls ran
+        ops: list[Any] = []
+        for i in range(4):
+            ops.append(Sql(count_runs))
+            ops.append(Sql(RUNAWAY_INSERT))  # rolls back the whole transaction
+            ops.append(Sql("INSERT INTO t VALUES (?)", [i]))
+        results = await run_batch(pool, "k", ops)
+        assert [type(r).__name__ for r in results[1::3]] == ["Timeout"] * 4
+        assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(4,)]
+        assert (await pool.call("k", Sql("SELECT v FROM n"))).rows == [(4,)]

@@ -148,15 +148,13 @@ async def test_calls_queued_around_a_delete_keep_their_order(pool: ActorPool) ->
             if len(results) == 3:
                 done.set()
 
-    from shardlite.actor import Exclusive
-
     await pool.call("k", Sql("CREATE TABLE t(v)"))
     sink = Sink()
     pool.submit_nowait(
         "k",
         [
             Call(Sql("INSERT INTO t VALUES (1)"), sink, 0),
-            Call(Exclusive(pool._delete_files), sink, 1),
+            Call(pool.delete_call(), sink, 1),
             Call(Sql("SELECT count(*) FROM sqlite_schema WHERE name = 't'"), sink, 2),
         ],
     )
@@ -164,7 +162,7 @@ async def test_calls_queued_around_a_delete_keep_their_order(pool: ActorPool) ->
     with trio.fail_after(10):
         await done.wait()
     assert results[0].changes == 1
-    assert results[1] is True
+    assert results[1].deleted is True
     assert results[2].rows == [(0,)]
 
 
@@ -219,3 +217,56 @@ async def test_shardlite_statements_are_not_held_to_the_tenants_time_budget(
             actor._deadline = 0.0
             assert (await pool.call("k", KvGet("n"))).value == i
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(50,)]
+
+
+async def test_calls_after_a_delete_never_reach_the_deleted_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The actor stays BUSY for the whole delete: a write that arrives while the file is
+    being unlinked goes to a new file, and survives a restart."""
+    import threading
+
+    in_unlink = threading.Event()
+    go_on = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # the delete's directory sync, in its worker thread
+        if not in_unlink.is_set():
+            in_unlink.set()
+            go_on.wait(10)
+        real_fsync(fd)
+
+    results: dict[int, Any] = {}
+    done = trio.Event()
+
+    class Sink:
+        def deliver(self, tag: Any, result: Any) -> None:
+            results[tag] = result
+            if len(results) == 3:
+                done.set()
+
+    config = ActorConfig(durability=Durability.OS)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v)"))
+        await pool.call("k", Sql("INSERT INTO t VALUES ('before')"))
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        sink = Sink()
+        pool.submit_nowait("k", [Call(pool.delete_call(), sink, 0)])
+        pool.wake_runner()
+        await trio.to_thread.run_sync(in_unlink.wait, 10)
+        pool.submit_nowait(
+            "k",
+            [
+                Call(Sql("CREATE TABLE IF NOT EXISTS t(v)"), sink, 1),
+                Call(Sql("INSERT INTO t VALUES ('after')"), sink, 2),
+            ],
+        )
+        pool.wake_runner()
+        await trio.testing.wait_all_tasks_blocked()
+        go_on.set()
+        with trio.fail_after(10):
+            await done.wait()
+        assert results[0].deleted is True
+        monkeypatch.setattr(os, "fsync", real_fsync)
+    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+        assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [("after",)]

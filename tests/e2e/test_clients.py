@@ -384,3 +384,21 @@ def test_async_client_under_asyncio_goes_on_after_an_oversize_request(url: str, 
 def test_many_concurrent_requests_on_one_async_client_under_asyncio(url: str, key: str) -> None:
     n = 1000 if url.startswith("rpc") else 200
     run_asyncio(url, key, concurrent_scenario(n, asyncio_all))
+
+
+async def test_async_client_survives_a_request_cancelled_while_being_sent(
+    start_server: Any, key: str
+) -> None:
+    """Half a frame on the shared connection would put it out of step for good: the
+    client must drop that connection and go on with a new one."""
+    server = start_server("--max-request-bytes", "128MiB", "--durability", "os")
+    big = "x" * (64 << 20)  # tens of milliseconds on loopback: cancelled mid-send
+    async with shardlite.connect_async(server.rpc_url, timeout=10) as client:
+        actor = client.actor(key)
+        await actor.sql("SELECT 1")
+        with trio.move_on_after(0.002) as scope:
+            await actor.sql("SELECT length(?)", [big])
+        assert scope.cancelled_caught
+        for _ in range(3):
+            with trio.fail_after(10):
+                assert (await actor.sql("SELECT 2")).rows == [(2,)]

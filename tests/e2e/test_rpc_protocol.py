@@ -7,6 +7,7 @@ import itertools
 import random
 import socket
 import struct
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -443,3 +444,30 @@ def test_many_connections_at_once_are_each_served(rpc_connect: Any, key: str) ->
     for i, conn in enumerate(conns):
         assert_rpc_ok(conn.receive(1)[0], 171 + i)
     assert count_rows(conns[0], key) == 50
+
+
+def test_delete_and_export_run_in_frame_order_with_the_calls_around_them(rpc: Any) -> None:
+    """[insert, export, delete, create, insert] in one send: each sees exactly what came
+    before it, and the write after the delete lands in the new actor."""
+    import apsw
+
+    key = "pipeline-order"
+    rpc.request(1, key, ["sql", "CREATE TABLE t(v)"])
+    rpc.send(
+        [2, key, ["sql", "INSERT INTO t VALUES ('before')"]],
+        [3, key, ["export"]],
+        [4, key, ["delete"]],
+        [5, key, ["sql", "CREATE TABLE IF NOT EXISTS t(v)"]],
+        [6, key, ["sql", "INSERT INTO t VALUES ('after')"]],
+    )
+    replies = rpc.receive_by_id(5)
+    assert all(r[1] == 0 for r in replies.values()), replies
+    exported = replies[3][2][0]
+    with tempfile.NamedTemporaryFile(suffix=".db") as f:
+        f.write(exported)
+        f.flush()
+        with apsw.Connection(f.name) as conn:
+            assert conn.execute("SELECT v FROM t").fetchall() == [("before",)]
+    assert replies[4][2] == [True]
+    reply = rpc.request(7, key, ["sql", "SELECT v FROM t"])
+    assert reply[2][1] == [["after"]]

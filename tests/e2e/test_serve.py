@@ -60,3 +60,26 @@ def test_cli_sql_prints_a_table(server: Any) -> None:
         check=True,
     )
     assert '"rows": [' in out.stdout and '"x"' in out.stdout
+
+
+def test_a_second_server_on_the_same_data_directory_refuses_to_start(server: Any) -> None:
+    out = subprocess.run(
+        [
+            "shardlite",
+            "serve",
+            "--data",
+            str(server.data),
+            "--http",
+            "127.0.0.1:0",
+            "--rpc",
+            "127.0.0.1:0",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "in use by another shardlite process" in out.stderr
+    with shardlite.connect(server.rpc_url) as client:  # the first one still serves
+        assert client.actor("k").sql("SELECT 1").rows == [(1,)]
