@@ -166,7 +166,7 @@ class Actor:
         self._deadline = 0.0
         self._stmt_count = 0
         self._single = True  # the running call allows one statement only
-        self._savepoint = False  # the running call has opened its savepoint
+        self._call_wrote = False  # the running call has started a write
         self._description: tuple[tuple[str, str | None], ...] = ()
         self._wrote = False
         self.wal_pages = 0
@@ -274,18 +274,15 @@ class Actor:
     def _exec_trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
         # Called after a tenant statement is prepared and before it runs: the one place
         # where the column names of a query that returns no rows can still be read, and
-        # where a savepoint can be opened just in time for the call's first write (so a
-        # failed call never leaves partial writes: OR FAIL, RAISE(FAIL), a RETURNING
-        # write whose rows cannot be sent). Reads pay nothing. Keep it lean: per call.
+        # where we learn that the call writes (then a failure of the call must undo its
+        # writes, which SQLite does not always do: OR FAIL, RAISE(FAIL), a RETURNING
+        # write whose rows cannot be sent). Keep it lean: it runs for every call.
         if cursor.has_vdbe:  # not just whitespace or comments
             self._stmt_count += 1
             if self._stmt_count > 1 and self._single:
                 return False
-            if not self._savepoint and not cursor.is_readonly:
-                deadline = self._deadline
-                self._internal(_SAVEPOINT)
-                self._deadline = deadline
-                self._savepoint = True
+            if not cursor.is_readonly:
+                self._call_wrote = True
             self._description = cursor.get_description()
         return True
 
@@ -387,10 +384,18 @@ class Actor:
         return results
 
     def _run_call(self, op: Op) -> Result | Error:
+        """Run one call inside the batch's transaction; its failure undoes only its writes.
+
+        A Batch operation runs in a savepoint. A single statement needs none: on the
+        (rare) failure of a call that wrote, the transaction is rolled back and the other
+        calls run again (_TxnLost), which costs less than a savepoint around every write.
+        """
         conn = self.conn
         assert conn is not None
-        self._single = type(op) is Sql
-        self._savepoint = False
+        self._single = single = type(op) is not Batch
+        self._call_wrote = False
+        if not single:
+            self._internal(_SAVEPOINT)
         try:
             result = self._apply(op)
         except apsw.Error as exc:
@@ -400,15 +405,18 @@ class Actor:
         except (KeyError, TypeError, OverflowError, ValueError) as exc:
             err = BadRequest(f"bad parameters: {_describe(exc)}")
         else:
-            if self._savepoint:
+            if not single:
                 self._internal(_RELEASE)
             return result
         self._reset_cursor()
         if conn.get_autocommit():  # SQLite rolled back the whole transaction
             raise _TxnLost(err)
-        if self._savepoint:
+        if not single:
             self._internal(_ROLLBACK_TO)
             self._internal(_RELEASE)
+        elif self._call_wrote:
+            self._internal(_ROLLBACK)
+            raise _TxnLost(err)
         return err
 
     def _reset_cursor(self) -> None:
