@@ -23,8 +23,9 @@ import apsw
 import msgspec
 import trio
 
+from ._capture import RowCapture, load_tables
 from ._config import ActorConfig
-from ._connection import open_actor_db
+from ._connection import LSN_GET, LSN_SET, open_actor_db
 from ._errors import (
     BadRequest,
     Constraint,
@@ -67,6 +68,7 @@ log = logging.getLogger("shardlite.actor")
 PROGRESS_STEPS = 1000
 """VM instructions between two looks at the clock while a statement runs."""
 
+_SCHEMA_SQL_MAX = 1024
 _clock = time.monotonic
 _NO_DEADLINE = float("inf")
 _kv_encode = msgspec.msgpack.Encoder().encode
@@ -163,7 +165,7 @@ class Actor:
         self.conn: apsw.Connection | None = None
         self._auth: Authorizer | None = None
         self._cursor: apsw.Cursor | None = None
-        self._deadline = 0.0
+        self._deadline = _NO_DEADLINE
         self._stmt_count = 0
         self._single = True  # the running call allows one statement only
         self._call_wrote = False  # the running call has started a write
@@ -181,19 +183,29 @@ class Actor:
         self.broken = False
         self.want_checkpoint = False
         self.released: trio.Event | None = None
+        # durability=log: the shard log's bookkeeping (see _logdurability.py)
+        self.capture: RowCapture | None = None
+        self.last_lsn = 0  # LSN of the last batch that wrote
+        self.file_lsn = 0  # everything up to this LSN is durable in the file itself
+        self.needs_file_sync = False  # an unlogged batch waits for the file's fdatasync
+        self.schema_changed = False  # the running batch changes the schema or header
+        self._schema_sql: dict[str, None] = {}  # texts of statements that do
         # counters for statistics()
         self.batches = 0
         self.calls = 0
 
     # ------------------------------------------------------------------ lifecycle
 
-    def open(self, *, create: bool = True) -> None:
+    def open(self, *, create: bool = True, initial_lsn: int = 0) -> None:
         """Open (or create) the file. Blocking (creating syncs the header): worker thread."""
         new_file = create and not os.path.lexists(self.path)
-        conn, auth = open_actor_db(self.path, self.key, self.config, create=create)
+        conn, auth = open_actor_db(
+            self.path, self.key, self.config, create=create, initial_lsn=initial_lsn
+        )
         if new_file:
-            # the file's name must survive a power cut as surely as its header: sync the
-            # fan-out directory, and the shard directory that may have just gained it
+            # a new file must survive a power cut whole, name and first transaction
+            # (its tables, its key, its starting LSN) included
+            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
             fanout = os.path.dirname(self.path)
             sync_directory(fanout)
             sync_directory(os.path.dirname(fanout))
@@ -206,6 +218,38 @@ class Actor:
         self._cursor = cursor
         # the WAL is created anew after every open: its directory entry needs a sync
         self.dir_sync_needed = True
+        self.durability.opened(self)
+
+    def start_capture(self) -> None:
+        """durability=log: record the rows each batch changes (re-run after a schema change)."""
+        conn, auth = self.conn, self._auth
+        assert conn is not None and auth is not None
+        auth.trusted = True
+        try:
+            self.file_lsn = self.last_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
+            tables = load_tables(conn)
+        finally:
+            auth.trusted = False
+        if self.capture is None:
+            self.capture = RowCapture()
+            conn.preupdate_hook(self.capture.hook)
+        self.capture.tables = tables
+        self.capture.reset()
+
+    def write_lsn(self, lsn: int) -> None:
+        """Record in the file, inside the open transaction, the log position it reaches."""
+        auth = self._auth
+        assert self.conn is not None and auth is not None
+        auth.trusted = True
+        self._deadline = _NO_DEADLINE
+        try:
+            self.conn.execute(LSN_SET, (lsn,))
+        finally:
+            auth.trusted = False
+
+    @property
+    def busy(self) -> bool:
+        return self.state is State.BUSY
 
     def close(self) -> None:
         """Close the file. Run :meth:`checkpoint_blocking` first, in a worker thread.
@@ -283,8 +327,22 @@ class Actor:
                 return False
             if not cursor.is_readonly:
                 self._call_wrote = True
+                auth = self._auth
+                if auth is not None and auth.schema_op:  # noted when it was prepared
+                    auth.schema_op = False
+                    self._note_schema_sql(sql)
+                if sql in self._schema_sql:  # a cached statement is not prepared again
+                    self.schema_changed = True
             self._description = cursor.get_description()
         return True
+
+    def _note_schema_sql(self, sql: str) -> None:
+        # bounded, and larger than apsw's statement cache (100): every cached statement
+        # that changes the schema is still remembered when it runs again
+        schema_sql = self._schema_sql
+        schema_sql[sql] = None
+        if len(schema_sql) > _SCHEMA_SQL_MAX:
+            del schema_sql[next(iter(schema_sql))]
 
     def _internal(self, sql: str) -> None:
         """Run one of shardlite's own row-less statements (trusted by the authorizer).
@@ -324,7 +382,7 @@ class Actor:
         except Exception as exc:  # a bug: fail this batch, reset the actor, keep the shard up
             log.exception("actor %r: unexpected failure in a batch", self.key)
             if self.conn is not None and not self.conn.get_autocommit():
-                self._internal(_ROLLBACK)
+                self._rollback()
             results = [Internal(f"unexpected failure: {type(exc).__name__}")] * len(calls)
             self.broken = True
         if len(results) < len(calls):
@@ -333,6 +391,18 @@ class Actor:
         self.calls += len(calls)
         wrote, self._wrote = self._wrote, False
         self.durability.committed(self, calls, results, wrote)
+        if self.schema_changed:
+            self.schema_changed = False
+            if self.capture is not None and not self.broken:
+                self.start_capture()  # the batch may have made or dropped tables
+
+    def _commit(self) -> None:
+        self.durability.before_commit(self)  # durability=log: the batch's LSN and record
+        self._internal(_COMMIT)
+
+    def _rollback(self) -> None:
+        self._internal(_ROLLBACK)
+        self.durability.rolled_back(self)
 
     def _run_transaction(self, calls: list[Call]) -> list[Result | Error]:
         """Run ``calls`` in order; return the results of the leading calls that ran.
@@ -356,6 +426,7 @@ class Actor:
                     result = self._run_call(calls[i].op)  # type: ignore[arg-type]
                 except _TxnLost as lost:
                     result = lost.error
+                    self.durability.rolled_back(self)
                     todo.extendleft(reversed(in_txn))
                     redo, in_txn = len(in_txn), []
                     self._internal(_BEGIN)
@@ -364,7 +435,7 @@ class Actor:
                     if redo:
                         redo -= 1
                         if redo == 0:  # the redone calls commit alone: never redone twice
-                            self._internal(_COMMIT)
+                            self._commit()
                             in_txn = []
                             self._internal(_BEGIN)
                 if i < len(results):
@@ -373,11 +444,13 @@ class Actor:
                     results.append(result)
                 if not redo and todo and _clock() > stop_at:
                     break
-            self._internal(_COMMIT)
+            self._commit()
         except apsw.Error as exc:
             # COMMIT failed (disk full, I/O error): the calls of that transaction are lost
             if not conn.get_autocommit():
-                self._internal(_ROLLBACK)
+                self._rollback()
+            else:
+                self.durability.rolled_back(self)
             err = _map_error(exc, self._auth)
             for i in in_txn:
                 results[i] = err
@@ -415,7 +488,7 @@ class Actor:
             self._internal(_ROLLBACK_TO)
             self._internal(_RELEASE)
         elif self._call_wrote:
-            self._internal(_ROLLBACK)
+            self._internal(_ROLLBACK)  # _run_transaction tells the durability policy
             raise _TxnLost(err)
         return err
 
@@ -548,6 +621,12 @@ def _prefix_upper_bound(prefix: str) -> str | None:
 
 
 _FETCH_CHUNK = 256
+
+
+def deliver(calls: list[Call], results: list[Result | Error]) -> None:
+    """Hand each call its result (the output gate has opened for them)."""
+    for call, result in zip(calls, results, strict=True):
+        call.sink.deliver(call.tag, result)
 
 
 def sync_directory(path: str) -> None:

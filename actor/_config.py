@@ -17,11 +17,17 @@ DEFAULT_MAX_SQL_BYTES = 100_000
 DEFAULT_MAX_RESULT_BYTES = 16 << 20
 DEFAULT_CHECKPOINT_WAL_BYTES = 4 << 20
 DEFAULT_FSYNC_THREADS = 4
+DEFAULT_LOG_SEGMENT_BYTES = 16 << 20
+DEFAULT_LOG_TRIM_BYTES = 64 << 20
+DEFAULT_LOG_CHECKPOINT_INTERVAL_S = 30.0
 
 
 class Durability(enum.Enum):
     """When a write is acknowledged (see the actor folder's DESIGN.md)."""
 
+    LOG = "log"
+    """After the shard log holding the write is fdatasync'ed: survives power loss, and one
+    flush covers many keys' writes."""
     OS = "os"
     """After COMMIT (synchronous=NORMAL): survives a crash of the process, not of the machine."""
     FSYNC = "fsync"
@@ -31,7 +37,7 @@ class Durability(enum.Enum):
 class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """How every actor of a process behaves. Immutable; build a new one to change it."""
 
-    durability: Durability = Durability.FSYNC
+    durability: Durability = Durability.LOG
     statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S
     mailbox_size: int = DEFAULT_MAILBOX_SIZE
     max_batch: int = DEFAULT_MAX_BATCH
@@ -43,5 +49,10 @@ class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     checkpoint_wal_bytes: int = DEFAULT_CHECKPOINT_WAL_BYTES
     fsync_threads: int = DEFAULT_FSYNC_THREADS
+    log_segment_bytes: int = DEFAULT_LOG_SEGMENT_BYTES
+    log_trim_bytes: int = DEFAULT_LOG_TRIM_BYTES
+    """Past this many bytes of log the shard's actor files are synced and the log trimmed."""
+    log_checkpoint_interval_s: float = DEFAULT_LOG_CHECKPOINT_INTERVAL_S
+    """The log is trimmed at least this often, however small it is."""
     vfs: str | None = None
     """Name of a registered apsw VFS to open files with (fault-injection tests only)."""

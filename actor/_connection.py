@@ -19,6 +19,14 @@ META_DDL = internal_sql(
 KV_DDL = internal_sql(
     "CREATE TABLE IF NOT EXISTS _shardlite_kv (name TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT, WITHOUT ROWID"
 )
+LSN_DDL = internal_sql(
+    "CREATE TABLE IF NOT EXISTS _shardlite_lsn "
+    "(id INTEGER PRIMARY KEY CHECK (id = 1), lsn INTEGER NOT NULL) STRICT"
+)
+_LSN_INIT = internal_sql("INSERT OR IGNORE INTO _shardlite_lsn (id, lsn) VALUES (1, ?)")
+LSN_GET = internal_sql("SELECT lsn FROM _shardlite_lsn WHERE id = 1")
+LSN_SET = internal_sql("UPDATE _shardlite_lsn SET lsn = ? WHERE id = 1")
+"""The shard-log position the file holds (durability=log), written with each batch."""
 _META_GET = internal_sql("SELECT value FROM _shardlite_meta WHERE name = ?")
 _META_PUT = internal_sql("INSERT OR REPLACE INTO _shardlite_meta (name, value) VALUES (?, ?)")
 _HAS_META = internal_sql(
@@ -27,7 +35,7 @@ _HAS_META = internal_sql(
 
 
 def open_actor_db(
-    path: str, key: str, config: ActorConfig, *, create: bool
+    path: str, key: str, config: ActorConfig, *, create: bool, initial_lsn: int = 0
 ) -> tuple[apsw.Connection, Authorizer]:
     """Open (or create) the actor file at ``path`` for ``key``, hardened and checked.
 
@@ -53,20 +61,27 @@ def open_actor_db(
         conn.pragma("synchronous", "normal")
         conn.wal_autocheckpoint(0)
         authorizer = harden(conn, config)
-        _check_or_init_meta(conn, authorizer, key, path)
+        _check_or_init_meta(conn, authorizer, key, path, initial_lsn)
+        conn.set_last_insert_rowid(0)  # the tenant sees only its own inserts' rowids
     except BaseException:
         conn.close()
         raise
     return conn, authorizer
 
 
-def _check_or_init_meta(conn: apsw.Connection, auth: Authorizer, key: str, path: str) -> None:
+def _check_or_init_meta(
+    conn: apsw.Connection, auth: Authorizer, key: str, path: str, initial_lsn: int
+) -> None:
     auth.trusted = True
     try:
         has_meta, tables = conn.execute(_HAS_META).fetchall()[0]
         if has_meta:
             rows = conn.execute(_META_GET, ("key",)).fetchall()
             if rows and rows[0][0] == key:
+                if not conn.table_exists("main", "_shardlite_lsn"):
+                    with conn:  # a file from before the shard log: it starts at 0
+                        conn.execute(LSN_DDL)
+                        conn.execute(_LSN_INIT, (0,))
                 return
             if rows:
                 raise Internal(
@@ -78,6 +93,8 @@ def _check_or_init_meta(conn: apsw.Connection, auth: Authorizer, key: str, path:
         with conn:
             conn.execute(META_DDL)
             conn.execute(KV_DDL)
+            conn.execute(LSN_DDL)
+            conn.execute(_LSN_INIT, (initial_lsn,))
             conn.execute(_META_PUT, ("key", key))
             conn.execute(_META_PUT, ("format", FORMAT_VERSION))
     finally:

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 
 import trio
 
-from ._actor import Actor, Call, sync_directory
+from ._actor import Actor, Call, deliver, sync_directory
 from ._config import ActorConfig, Durability
 from ._errors import Error, Internal
+from ._logdurability import LogDurability, drain_shard_log
 from ._ops import Result
 
 log = logging.getLogger("shardlite.actor")
@@ -33,10 +34,35 @@ SyncFn = Callable[[Actor], None]
 
 
 class DurabilityPolicy(Protocol):
+    """What the actor and the pool ask of a durability mode (the seam of the shard log)."""
+
+    on_released: Callable[[Actor], None]
+
+    async def attach_shard(self, directory: str) -> None:
+        """Before a shard serves: recover whatever its log holds."""
+
+    def creation_lsn(self, actor: Actor) -> int:
+        """The log position a new actor file starts at."""
+
+    def opened(self, actor: Actor) -> None:
+        """The actor's file was opened (in whichever thread opened it)."""
+
+    def before_commit(self, actor: Actor) -> None:
+        """Inside the batch's transaction, just before COMMIT."""
+
+    def rolled_back(self, actor: Actor) -> None:
+        """The open transaction was rolled back."""
+
     def committed(
         self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool
     ) -> None:
         """A batch committed; deliver ``results`` to ``calls`` once it is durable."""
+
+    def file_durable(self, actor: Actor, lsn: int) -> None:
+        """The actor's file is durable on its own up to ``lsn`` (checkpoint, sync)."""
+
+    def forget(self, actor: Actor) -> None:
+        """The actor left memory."""
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background work of the policy (the flusher), until cancelled."""
@@ -44,16 +70,40 @@ class DurabilityPolicy(Protocol):
     def statistics(self) -> dict[str, Any]: ...
 
 
-def deliver(calls: list[Call], results: list[Result | Error]) -> None:
-    for call, result in zip(calls, results, strict=True):
-        call.sink.deliver(call.tag, result)
+class _PerFileDurability:
+    """What ``os`` and ``fsync`` share: each actor's file is durable on its own."""
+
+    def __init__(self, config: ActorConfig) -> None:
+        self.config = config
+        self.on_released: Callable[[Actor], None] = lambda actor: None
+
+    async def attach_shard(self, directory: str) -> None:
+        # a shard that ran with durability=log may hold records its files lack
+        await trio.to_thread.run_sync(drain_shard_log, directory, self.config)
+
+    def creation_lsn(self, actor: Actor) -> int:
+        return 0
+
+    def opened(self, actor: Actor) -> None:
+        pass
+
+    def before_commit(self, actor: Actor) -> None:
+        pass
+
+    def rolled_back(self, actor: Actor) -> None:
+        pass
+
+    def file_durable(self, actor: Actor, lsn: int) -> None:
+        pass
+
+    def forget(self, actor: Actor) -> None:
+        pass
 
 
-class OsDurability:
+class OsDurability(_PerFileDurability):
     """Acknowledge after COMMIT: survives a process crash, not a power cut."""
 
-    def __init__(self) -> None:
-        self.on_released: Callable[[Actor], None] = lambda actor: None
+    mode = "os"
 
     def committed(
         self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool
@@ -84,17 +134,19 @@ def fdatasync_wal(actor: Actor) -> None:
         actor.dir_sync_needed = False
 
 
-class FsyncDurability:
+class FsyncDurability(_PerFileDurability):
     """Acknowledge after an fdatasync of the actor's WAL, run off the event loop."""
 
+    mode = "fsync"
+
     def __init__(self, config: ActorConfig, sync: SyncFn = fdatasync_wal) -> None:
+        super().__init__(config)
         self._sync = sync
         self._threads = max(1, config.fsync_threads)
         self._limiter = trio.CapacityLimiter(self._threads)
         self._dirty: list[Actor] = []
         self._queued: set[Actor] = set()
         self._wake = trio.Event()
-        self.on_released: Callable[[Actor], None] = lambda actor: None
         self.rounds = 0
         self.syncs = 0
         self.failures = 0
@@ -185,7 +237,9 @@ class FsyncDurability:
         }
 
 
-def make_durability(config: ActorConfig) -> OsDurability | FsyncDurability:
+def make_durability(config: ActorConfig) -> DurabilityPolicy:
+    if config.durability is Durability.LOG:
+        return LogDurability(config)
     if config.durability is Durability.FSYNC:
         return FsyncDurability(config)
-    return OsDurability()
+    return OsDurability(config)

@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,9 +27,10 @@ import trio
 
 from ._actor import Actor, Call, Exclusive, Sink, State, _map_error, sync_directory
 from ._config import ActorConfig
-from ._durability import FsyncDurability, OsDurability, make_durability
+from ._durability import DurabilityPolicy, make_durability
 from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
 from ._keys import resolve_actor_path, validate_key
+from ._logdurability import sync_file
 from ._ops import Deleted, ExportResult, Op
 
 log = logging.getLogger("shardlite.actor")
@@ -86,7 +87,7 @@ class ActorPool:
         self,
         config: ActorConfig,
         locate: Callable[[str], str],
-        durability: OsDurability | FsyncDurability | None = None,
+        durability: DurabilityPolicy | None = None,
     ) -> None:
         self.config = config
         self._locate = locate
@@ -136,6 +137,10 @@ class ActorPool:
             actor.scheduled = True
             self._ready.append(actor)
 
+    async def attach_shard(self, directory: str) -> None:
+        """Serve the shard in ``directory``: recover what its log holds first."""
+        await self.durability.attach_shard(directory)
+
     def wake_runner(self) -> None:
         """Let the runner task run what is queued, once the current tasks have yielded."""
         if self._ready:
@@ -172,7 +177,12 @@ class ActorPool:
             actor.run_batch()
             self.batches += 1
             self.calls += actor.calls - before
-            if actor.broken or actor.want_checkpoint or actor.wal_pages >= self._ckpt_pages(actor):
+            if actor.needs_file_sync and not actor.broken:  # an unlogged batch (log mode)
+                actor.state = State.BUSY
+                self._spawn(self._sync_file, actor)
+            elif (
+                actor.broken or actor.want_checkpoint or actor.wal_pages >= self._ckpt_pages(actor)
+            ):
                 actor.want_checkpoint = True
                 self._maybe_maintain(actor)
             elif actor.mailbox:
@@ -221,7 +231,10 @@ class ActorPool:
     async def _create_actor(self, actor: Actor) -> None:
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(actor.open, limiter=self._open_limiter)
+                open_new = functools.partial(
+                    actor.open, initial_lsn=self.durability.creation_lsn(actor)
+                )
+                await trio.to_thread.run_sync(open_new, limiter=self._open_limiter)
             except (Error, apsw.Error, OSError) as exc:
                 self._open_failed(actor, exc)
                 return
@@ -267,6 +280,7 @@ class ActorPool:
     def _forget(self, actor: Actor) -> None:
         if self._actors.get(actor.key) is actor and actor.idle and actor.state is State.CLOSED:
             del self._actors[actor.key]
+            self.durability.forget(actor)
 
     def _ckpt_pages(self, actor: Actor) -> int:
         return self.config.checkpoint_wal_bytes // 4096
@@ -298,8 +312,11 @@ class ActorPool:
 
     async def _close(self, actor: Actor) -> None:
         with trio.CancelScope(shield=True):
+            lsn = actor.last_lsn
             try:
                 await trio.to_thread.run_sync(actor.checkpoint_blocking)
+                if not actor.broken:
+                    self.durability.file_durable(actor, lsn)
             except apsw.Error:
                 log.exception("actor %r: checkpoint before close failed", actor.key)
             try:
@@ -313,11 +330,36 @@ class ActorPool:
         actor.want_checkpoint = False
         self._after_busy(actor)
 
+    async def _sync_file(self, actor: Actor) -> None:
+        lsn = actor.last_lsn
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(sync_file, actor)
+            except OSError as exc:
+                log.error("actor %r: fdatasync failed: %s", actor.key, exc)
+                self._fail_pending(actor, exc)
+                actor.broken = True
+        actor.state = State.OPEN
+        if not actor.broken:
+            self.durability.file_durable(actor, lsn)
+        self._maybe_maintain(actor)
+        self._after_busy(actor)
+
+    @staticmethod
+    def _fail_pending(actor: Actor, exc: BaseException) -> None:
+        err = Internal(f"the write could not be made durable ({exc}); it may or may not be applied")
+        while actor.pending:
+            for call in actor.pending.popleft()[1]:
+                call.sink.deliver(call.tag, err)
+        actor.needs_file_sync = False
+
     async def _checkpoint(self, actor: Actor) -> None:
         with trio.CancelScope(shield=True):
+            lsn = actor.last_lsn
             try:
                 await trio.to_thread.run_sync(actor.checkpoint_blocking)
                 self.checkpoints += 1
+                self.durability.file_durable(actor, lsn)
             except apsw.Error:
                 log.exception("actor %r: checkpoint failed", actor.key)
         actor.state = State.OPEN
@@ -521,10 +563,21 @@ def _open_error(actor: Actor, exc: BaseException) -> Error:
 @asynccontextmanager
 async def open_actor_pool(
     config: ActorConfig,
-    locate: Callable[[str], str],
-    durability: OsDurability | FsyncDurability | None = None,
+    locate: Callable[[str], str] | str,
+    durability: DurabilityPolicy | None = None,
+    *,
+    shards: Sequence[str] = (),
 ) -> AsyncIterator[ActorPool]:
-    """Run an :class:`ActorPool` with its background tasks; drain and close it on exit."""
+    """Run an :class:`ActorPool` with its background tasks; drain and close it on exit.
+
+    ``locate(key)`` gives the shard directory of a key; every shard directory must be
+    attached (``shards`` here, or :meth:`ActorPool.attach_shard`) before it serves. A
+    plain directory stands for a single shard holding every key.
+    """
+    if isinstance(locate, str):
+        directory = locate
+        shards = (*shards, directory)
+        locate = lambda key: directory  # noqa: E731
     pool = ActorPool(config, locate, durability)
     async with trio.open_nursery() as nursery:
         pool._nursery = nursery
@@ -532,6 +585,8 @@ async def open_actor_pool(
         nursery.start_soon(pool._run_runner)
         nursery.start_soon(pool._run_reaper)
         try:
+            for shard in shards:
+                await pool.attach_shard(shard)
             yield pool
         finally:
             await pool.aclose()

@@ -93,6 +93,26 @@ _ALWAYS_DENIED = frozenset(
 )
 
 
+# Writes the row capture of the shard log cannot describe (see _capture.py).
+_SCHEMA_OPS = frozenset(
+    {
+        "SQLITE_CREATE_INDEX",
+        "SQLITE_CREATE_TABLE",
+        "SQLITE_CREATE_TRIGGER",
+        "SQLITE_CREATE_VIEW",
+        "SQLITE_CREATE_VTABLE",
+        "SQLITE_DROP_INDEX",
+        "SQLITE_DROP_TABLE",
+        "SQLITE_DROP_TRIGGER",
+        "SQLITE_DROP_VIEW",
+        "SQLITE_DROP_VTABLE",
+        "SQLITE_ALTER_TABLE",
+        "SQLITE_ANALYZE",
+        "SQLITE_REINDEX",
+    }
+)
+
+
 def _is_hidden(name: str | None) -> bool:
     return name is not None and name.lower().startswith(INTERNAL_PREFIX)
 
@@ -100,11 +120,13 @@ def _is_hidden(name: str | None) -> bool:
 class Authorizer:
     """The tenant allow-list. ``trusted`` is set only while the actor runs its own SQL."""
 
-    __slots__ = ("denied", "trusted")
+    __slots__ = ("denied", "schema_op", "trusted")
 
     def __init__(self) -> None:
         self.trusted = False
         self.denied: str | None = None
+        self.schema_op = False
+        """A tenant statement just prepared changes the schema or the file header."""
 
     def __call__(
         self, op: int, p1: str | None, p2: str | None, dbname: str | None, trigger: str | None
@@ -114,6 +136,10 @@ class Authorizer:
         name = _NAMES.get(op, "")
         reason = self._check(name, p1, p2, dbname)
         if reason is None:
+            if name in _SCHEMA_OPS or (
+                name == "SQLITE_PRAGMA" and p2 is not None and (p1 or "").lower() in PRAGMAS_WRITE
+            ):
+                self.schema_op = True
             return _OK
         self.denied = reason
         return _DENY

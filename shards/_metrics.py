@@ -115,6 +115,31 @@ class _PoolCollector(Collector):
             "shardlite_actor_calls", "Calls run inside transactions.", s["calls"]
         )
         dur = s["durability"]
+        if dur.get("mode") == "log":
+            for name, help_text, value in (
+                (
+                    "shardlite_log_flushes",
+                    "Shard log flush rounds (one fdatasync each).",
+                    dur["rounds"],
+                ),
+                (
+                    "shardlite_log_written_bytes",
+                    "Bytes written to shard logs.",
+                    dur["log_bytes_written"],
+                ),
+                (
+                    "shardlite_log_trimmed_segments",
+                    "Log segments deleted by trimming.",
+                    dur["trimmed_segments"],
+                ),
+                ("shardlite_log_failures", "Failed shard log writes.", dur["failures"]),
+            ):
+                yield CounterMetricFamily(name, help_text, value)
+            yield GaugeMetricFamily(
+                "shardlite_log_unsynced_actors",
+                "Actors with logged writes not yet durable in their own file.",
+                dur["unsynced_actors"],
+            )
         if dur.get("mode") == "fsync":
             yield CounterMetricFamily("shardlite_fsync_rounds", "Flusher rounds.", dur["rounds"])
             yield CounterMetricFamily(

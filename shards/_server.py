@@ -32,7 +32,7 @@ from ._settings import Settings
 log = logging.getLogger("shardlite.server")
 
 DEFAULT_SHARD = "shard-00"
-FDS_PER_ACTOR = {"os": 2, "fsync": 3}
+FDS_PER_ACTOR = {"os": 2, "log": 2, "fsync": 3}
 """The database and its WAL (no -shm: locking_mode=EXCLUSIVE), plus the flusher's own
 descriptor of the WAL with durability=fsync."""
 FDS_RESERVED = 256
@@ -102,7 +102,7 @@ async def run_server(
     async with trio.open_nursery() as outer:
         if handle_signals:
             outer.start_soon(_stop_on_signal, stopping)
-        async with open_actor_pool(config, lambda key: directory) as pool:
+        async with open_actor_pool(config, lambda key: directory, shards=[directory]) as pool:
             metrics.watch_pool(pool)
             app = create_app(pool, settings, metrics)
             async with trio.open_nursery() as servers:

@@ -52,10 +52,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rpc", DEFAULT_RPC, "addr", "RPC listen address, HOST:PORT (port 0 picks a free one)."),
     Setting(
         "durability",
-        Durability.FSYNC.value,
+        Durability.LOG.value,
         "choice",
-        "When a write is acknowledged: fsync (survives power loss) or os (survives a "
-        "process crash, not a power cut).",
+        "When a write is acknowledged: log (after the shard's log is flushed: survives power "
+        "loss, one flush for many keys), fsync (after the actor's own file is flushed) or os "
+        "(after COMMIT: survives a process crash, not a power cut).",
         choices=tuple(d.value for d in Durability),
     ),
     Setting(
@@ -124,6 +125,25 @@ SETTINGS: tuple[Setting, ...] = (
         defaults.DEFAULT_FSYNC_THREADS,
         "int",
         "Worker threads issuing fdatasyncs concurrently (durability=fsync).",
+    ),
+    Setting(
+        "log_segment_bytes",
+        defaults.DEFAULT_LOG_SEGMENT_BYTES,
+        "size",
+        "durability=log: the shard log starts a new segment file past this size.",
+    ),
+    Setting(
+        "log_trim_bytes",
+        defaults.DEFAULT_LOG_TRIM_BYTES,
+        "size",
+        "durability=log: past this much log, the shard's actor files are synced and the log "
+        "trimmed, so the log stays about this size.",
+    ),
+    Setting(
+        "log_checkpoint_interval",
+        defaults.DEFAULT_LOG_CHECKPOINT_INTERVAL_S,
+        "duration",
+        "durability=log: the log is trimmed at least this often.",
     ),
     Setting(
         "body_timeout",
@@ -203,7 +223,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data: str = DEFAULT_DATA_DIR
     http: tuple[str, int] = parse_addr(DEFAULT_HTTP)
     rpc: tuple[str, int] = parse_addr(DEFAULT_RPC)
-    durability: str = Durability.FSYNC.value
+    durability: str = Durability.LOG.value
     statement_timeout: float = defaults.DEFAULT_STATEMENT_TIMEOUT_S
     mailbox_size: int = defaults.DEFAULT_MAILBOX_SIZE
     max_batch: int = defaults.DEFAULT_MAX_BATCH
@@ -216,6 +236,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     checkpoint_wal_bytes: int = defaults.DEFAULT_CHECKPOINT_WAL_BYTES
     fsync_threads: int = defaults.DEFAULT_FSYNC_THREADS
+    log_segment_bytes: int = defaults.DEFAULT_LOG_SEGMENT_BYTES
+    log_trim_bytes: int = defaults.DEFAULT_LOG_TRIM_BYTES
+    log_checkpoint_interval: float = defaults.DEFAULT_LOG_CHECKPOINT_INTERVAL_S
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     log_level: str = "info"
@@ -234,6 +257,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             max_result_bytes=self.max_result_bytes,
             checkpoint_wal_bytes=self.checkpoint_wal_bytes,
             fsync_threads=self.fsync_threads,
+            log_segment_bytes=self.log_segment_bytes,
+            log_trim_bytes=self.log_trim_bytes,
+            log_checkpoint_interval_s=self.log_checkpoint_interval,
         )
 
 

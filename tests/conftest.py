@@ -22,8 +22,16 @@ SERVER_START_TIMEOUT_S = 30.0
 
 @pytest.fixture
 async def pool(tmp_path: Path) -> AsyncIterator[ActorPool]:
+    """An actor pool over a temporary directory (one shard), durability=log."""
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as p:
+        yield p
+
+
+@pytest.fixture
+async def fsync_pool(tmp_path: Path) -> AsyncIterator[ActorPool]:
     """An actor pool over a temporary directory, durability=fsync."""
-    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as p:
+    config = ActorConfig(durability=Durability.FSYNC)
+    async with open_actor_pool(config, str(tmp_path)) as p:
         yield p
 
 
@@ -31,7 +39,7 @@ async def pool(tmp_path: Path) -> AsyncIterator[ActorPool]:
 async def os_pool(tmp_path: Path) -> AsyncIterator[ActorPool]:
     """An actor pool over a temporary directory, durability=os."""
     config = ActorConfig(durability=Durability.OS)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as p:
+    async with open_actor_pool(config, str(tmp_path)) as p:
         yield p
 
 

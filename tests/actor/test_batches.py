@@ -129,7 +129,7 @@ async def test_interrupted_write_rolls_back_only_itself(tmp_path: Any) -> None:
     from shardlite.actor import ActorConfig, open_actor_pool
 
     config = ActorConfig(statement_timeout_s=0.05)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v)"))
         results = await run_batch(
             pool,
@@ -152,7 +152,7 @@ async def test_statement_budget_interrupts_a_runaway_query_and_the_actor_recover
     from shardlite.actor import ActorConfig, open_actor_pool
 
     config = ActorConfig(statement_timeout_s=0.05)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         with pytest.raises(Timeout):
             await pool.call(
                 "k",
@@ -248,7 +248,7 @@ async def test_a_large_result_is_refused_without_being_built_whole(tmp_path: Any
     from shardlite.actor import ActorConfig, TooLarge, open_actor_pool
 
     config = ActorConfig(max_result_bytes=100_000)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         with pytest.raises(TooLarge):
             await pool.call(
                 "k",
@@ -266,7 +266,7 @@ async def test_slow_calls_are_split_across_batches_so_the_loop_is_not_held(tmp_p
 
     slow = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r"
     config = ActorConfig(statement_timeout_s=0.02)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         before = pool.batches
         results = await run_batch(pool, "k", [Sql(slow) for _ in range(6)])
         assert all(isinstance(r, Timeout) for r in results)
@@ -279,7 +279,7 @@ async def test_repeated_whole_transaction_rollbacks_run_each_call_at_most_twice(
     from shardlite.actor import ActorConfig, open_actor_pool
 
     config = ActorConfig(statement_timeout_s=0.02)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
         await pool.call("k", Sql("CREATE TABLE n(v)"))
         await pool.call("k", Sql("INSERT INTO n VALUES (0)"))

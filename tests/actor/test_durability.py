@@ -34,7 +34,7 @@ async def write_until_cut(
     rng = random.Random(seed)
     acked: set[tuple[str, int]] = set()
     keys = [f"key-{i}" for i in range(KEYS)]
-    async with open_actor_pool(config, lambda key: str(data), durability) as pool:
+    async with open_actor_pool(config, str(data), durability) as pool:
         for key in keys:
             await pool.call(key, Sql("CREATE TABLE t(v INTEGER PRIMARY KEY)"))
         cut_after = rng.randint(200, 600)
@@ -62,7 +62,7 @@ async def write_until_cut(
 
 async def read_back(data: Path) -> set[tuple[str, int]]:
     present: set[tuple[str, int]] = set()
-    async with open_actor_pool(ActorConfig(), lambda key: str(data)) as pool:
+    async with open_actor_pool(ActorConfig(), str(data)) as pool:
         for i in range(KEYS):
             key = f"key-{i}"
             try:
@@ -96,7 +96,7 @@ async def test_power_cut_negative_control_os_durability_loses_acknowledged_write
     config = ActorConfig(durability=Durability.OS, vfs=powercut.vfs_name)
     from shardlite.actor import OsDurability
 
-    acked = await write_until_cut(config, OsDurability(), tmp_path, powercut, seed=1)
+    acked = await write_until_cut(config, OsDurability(config), tmp_path, powercut, seed=1)
     present = await read_back(tmp_path)
     assert len(acked - present) > 0
 
@@ -111,9 +111,7 @@ async def test_reply_waits_for_the_flush_that_covers_it(tmp_path: Path) -> None:
         synced.append(actor.key)
 
     config = ActorConfig(durability=Durability.FSYNC)
-    async with open_actor_pool(
-        config, lambda key: str(tmp_path), FsyncDurability(config, sync)
-    ) as pool:
+    async with open_actor_pool(config, str(tmp_path), FsyncDurability(config, sync)) as pool:
         replies: list[str] = []
 
         async def call(label: str, sql: str) -> None:
@@ -141,9 +139,7 @@ async def test_reads_with_nothing_unflushed_are_answered_without_a_flush(tmp_pat
         calls.append(actor.key)
 
     config = ActorConfig(durability=Durability.FSYNC)
-    async with open_actor_pool(
-        config, lambda key: str(tmp_path), FsyncDurability(config, sync)
-    ) as pool:
+    async with open_actor_pool(config, str(tmp_path), FsyncDurability(config, sync)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
         flushes = len(calls)
         for _ in range(10):
@@ -162,7 +158,7 @@ async def test_failed_fsync_fails_the_pending_replies_and_resets_the_actor(tmp_p
 
     config = ActorConfig(durability=Durability.FSYNC)
     durability = FsyncDurability(config, sync)
-    async with open_actor_pool(config, lambda key: str(tmp_path), durability) as pool:
+    async with open_actor_pool(config, str(tmp_path), durability) as pool:
         with pytest.raises(Internal) as info:
             await pool.call("k", Sql("CREATE TABLE t(v)"))
         assert "may or may not" in info.value.message
@@ -174,8 +170,9 @@ async def test_failed_fsync_fails_the_pending_replies_and_resets_the_actor(tmp_p
 
 
 async def test_real_fdatasync_path_syncs_the_wal_and_its_directory(
-    pool: Any, tmp_path: Path
+    fsync_pool: Any, tmp_path: Path
 ) -> None:
+    pool = fsync_pool
     await pool.call("k", Sql("CREATE TABLE t(v)"))
     await pool.call("k", Sql("INSERT INTO t VALUES (1)"))
     stats = pool.durability.statistics()

@@ -39,7 +39,7 @@ async def test_idle_actor_is_passivated_and_reopens_with_its_data(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     config = ActorConfig(idle_timeout_s=60.0)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
         await pool.call("k", Sql("INSERT INTO t VALUES ('kept')"))
         assert pool.statistics()["actors_open"] == 1
@@ -57,7 +57,7 @@ async def test_idle_actor_is_passivated_and_reopens_with_its_data(
 
 async def test_open_actors_stay_under_the_lru_cap(tmp_path: Path) -> None:
     config = ActorConfig(max_open_actors=3)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         for i in range(20):
             await pool.call(f"key-{i}", Sql("CREATE TABLE t(v)"))
             await pool.call(f"key-{i}", Sql("INSERT INTO t VALUES (?)", [i]))
@@ -75,7 +75,7 @@ async def test_full_mailbox_refuses_with_overloaded(tmp_path: Path) -> None:
             pass
 
     config = ActorConfig(mailbox_size=4)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         pool.submit_nowait("k", [Call(Sql("SELECT 1"), Sink()) for _ in range(4)])
         with pytest.raises(Overloaded) as info:
             pool.submit_nowait("k", [Call(Sql("SELECT 1"), Sink())])
@@ -87,7 +87,7 @@ async def test_full_mailbox_refuses_with_overloaded(tmp_path: Path) -> None:
 
 async def test_wal_is_checkpointed_off_the_loop_when_it_grows(tmp_path: Path) -> None:
     config = ActorConfig(checkpoint_wal_bytes=64 * 1024, durability=Durability.OS)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v BLOB)"))
         wal = Path(str(tmp_path / key_to_relpath("k")) + "-wal")
         biggest = 0
@@ -107,19 +107,19 @@ async def test_closing_the_pool_runs_queued_calls_and_keeps_their_writes(tmp_pat
         def deliver(self, tag: Any, result: Any) -> None:
             results.append(result)
 
-    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
         pool.submit_nowait(
             "k", [Call(Sql("INSERT INTO t VALUES (?)", [i]), Sink()) for i in range(50)]
         )
         # leave without waiting: the pool must still run and release them
     assert len(results) == 50 and all(r.changes == 1 for r in results)
-    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(50,)]
 
 
 async def test_closed_pool_refuses_new_keys(tmp_path: Path) -> None:
-    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         pass
     with pytest.raises(Unavailable):
         pool.submit_nowait("new", [])
@@ -189,7 +189,7 @@ async def test_export_is_a_consistent_sqlite_file(pool: ActorPool) -> None:
 async def test_a_burst_of_new_keys_does_not_evict_below_the_cap(tmp_path: Path) -> None:
     """Actors already closing still count as open; they must not be evicted twice over."""
     cap = 20
-    async with open_actor_pool(ActorConfig(max_open_actors=cap), lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(ActorConfig(max_open_actors=cap), str(tmp_path)) as pool:
         async with trio.open_nursery() as nursery:
             for i in range(200):
                 nursery.start_soon(pool.call, f"burst-{i}", Sql("SELECT 1"))
@@ -206,7 +206,7 @@ async def test_shardlite_statements_are_not_held_to_the_tenants_time_budget(
     from shardlite.actor import KvGet, KvPut
 
     monkeypatch.setattr(actor_module, "PROGRESS_STEPS", 1)  # look at the clock every step
-    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
         actor = pool._actors["k"]
         for i in range(50):
@@ -246,7 +246,7 @@ async def test_calls_after_a_delete_never_reach_the_deleted_file(
                 done.set()
 
     config = ActorConfig(durability=Durability.OS)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
         await pool.call("k", Sql("INSERT INTO t VALUES ('before')"))
         monkeypatch.setattr(os, "fsync", slow_fsync)
@@ -268,5 +268,5 @@ async def test_calls_after_a_delete_never_reach_the_deleted_file(
             await done.wait()
         assert results[0].deleted is True
         monkeypatch.setattr(os, "fsync", real_fsync)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [("after",)]

@@ -116,7 +116,7 @@ async def test_tenant_cannot_reuse_the_actors_own_commit_statement(pool: ActorPo
 
 async def test_quota_gives_quota_exceeded_and_reads_still_work(tmp_path: Path) -> None:
     config = ActorConfig(max_db_bytes=256 * 1024)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB)"))
         with pytest.raises(QuotaExceeded):
             for _ in range(200):
@@ -129,7 +129,7 @@ async def test_quota_gives_quota_exceeded_and_reads_still_work(tmp_path: Path) -
 
 async def test_values_over_the_length_limit_are_too_large(tmp_path: Path) -> None:
     config = ActorConfig(max_value_bytes=10_000)
-    async with open_actor_pool(config, lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(config, str(tmp_path)) as pool:
         for sql in ("SELECT zeroblob(20000)", "SELECT printf('%.*c', 20000, 'x')"):
             with pytest.raises(TooLarge):
                 await pool.call("k", Sql(sql))
@@ -151,14 +151,14 @@ async def test_symlinked_actor_file_is_refused(pool: ActorPool, tmp_path: Path) 
 async def test_file_of_another_key_is_refused(tmp_path: Path) -> None:
     from shardlite.actor import key_to_relpath
 
-    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         await pool.call("alice", Sql("CREATE TABLE secrets(v)"))
         await pool.call("alice", Sql("INSERT INTO secrets VALUES ('alice-only')"))
     # an operator mistake: alice's file (closed, so checkpointed) copied to bob's place
     bob = tmp_path / key_to_relpath("bob")
     bob.parent.mkdir(parents=True, exist_ok=True)
     bob.write_bytes((tmp_path / key_to_relpath("alice")).read_bytes())
-    async with open_actor_pool(ActorConfig(), lambda key: str(tmp_path)) as pool:
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         with pytest.raises(Error) as info:
             await pool.call("bob", Sql("SELECT * FROM secrets"))
         assert info.value.code == "internal"

@@ -1,0 +1,361 @@
+"""``durability=log``: the shard log makes many keys' writes durable with one flush.
+
+Per batch (on the event loop, inside the batch's transaction, before COMMIT): reserve an
+LSN from the shard's log, write it into the actor file's ``_shardlite_lsn`` row, read
+back the row images the batch changed (``RowCapture``) and append them to the shard's
+log buffer as one record. After COMMIT the replies wait until the shard's flusher has
+written and fdatasync'ed a round that covers that LSN: one flush per round for every
+key of the shard. Reads wait for the LSN of the actor's last write.
+
+A batch the capture cannot describe (a schema change, ``PRAGMA user_version``, a huge
+transaction) is *unlogged*: it is made durable in the actor's own file (fdatasync of its
+WAL) before its replies leave and before the actor runs anything else.
+
+The log is trimmed once the actor files it covers are durable themselves: a
+checkpointer per shard fsyncs the WALs of actors with logged writes (spread over time),
+closes and checkpoints do it anyway, and then whole segments below the oldest LSN not
+yet durable in its file are deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import apsw
+import trio
+import trio.lowlevel
+
+from ._actor import Actor, Call, deliver, sync_directory
+from ._capture import ReplayError, apply_record, load_tables
+from ._config import ActorConfig
+from ._connection import LSN_GET, open_actor_db
+from ._errors import Error, Internal
+from ._keys import resolve_actor_path
+from ._ops import Result
+from ._shardlog import Recovered, ShardLog, encode_record
+
+log = logging.getLogger("shardlite.actor")
+
+LOG_DIR = "log"
+CHECKPOINT_POLL_S = 1.0
+SYNC_CHUNK = 64
+"""Actor files fsynced per worker-thread call by the checkpointer, between yields."""
+
+
+class _Shard:
+    """The log of one shard and who waits on it."""
+
+    def __init__(self, directory: str, shard_log: ShardLog) -> None:
+        self.directory = directory
+        self.log = shard_log
+        self.buffer: list[bytes] = []
+        self.buffered_lsn = 0
+        self.flushed_lsn = 0
+        self.waiting: set[Actor] = set()
+        self.unsynced: dict[Actor, int] = {}  # actor -> its oldest LSN not durable in its file
+        self.wake = trio.Event()
+        self.limiter = trio.CapacityLimiter(1)
+        self.rounds = 0
+        self.bytes = 0
+        self.trimmed_segments = 0
+        self.failures = 0
+
+
+class LogDurability:
+    """The shard-log durability policy. Shards must be attached before they serve."""
+
+    mode = "log"
+
+    def __init__(self, config: ActorConfig) -> None:
+        self.config = config
+        self.shards: dict[str, _Shard] = {}
+        self.on_released: Callable[[Actor], None] = lambda actor: None
+        self._nursery: trio.Nursery | None = None
+        self.recovered_records = 0
+        self.recovered_actors = 0
+
+    # ------------------------------------------------------------------ shards
+
+    async def attach_shard(self, directory: str) -> None:
+        """Open the shard's log, replay what actor files lack, start its flusher."""
+        if directory in self.shards:
+            return
+        shard_log = ShardLog(os.path.join(directory, LOG_DIR), self.config.log_segment_bytes)
+        recovered = await trio.to_thread.run_sync(shard_log.open)
+        replayed = await trio.to_thread.run_sync(replay_shard, directory, recovered, self.config)
+        self.recovered_records += recovered.count
+        self.recovered_actors += replayed
+        if recovered.count:
+            log.info(
+                "shard %s: %d log records, %d actor files brought up to date",
+                directory,
+                recovered.count,
+                replayed,
+            )
+        shard = _Shard(directory, shard_log)
+        shard.flushed_lsn = shard.buffered_lsn = shard_log.next_lsn() - 1
+        self.shards[directory] = shard
+        assert self._nursery is not None, "run() must be started before attach_shard()"
+        self._nursery.start_soon(self._run_flusher, shard)
+        self._nursery.start_soon(self._run_checkpointer, shard)
+
+    def shard_of(self, actor: Actor) -> _Shard:
+        directory = os.path.dirname(os.path.dirname(actor.path))
+        shard = self.shards.get(directory)
+        if shard is None:
+            raise Internal(f"shard {directory} is not attached to this server")
+        return shard
+
+    # ------------------------------------------------------------------ the actor's seam
+
+    def creation_lsn(self, actor: Actor) -> int:
+        """The LSN a new actor file starts at: above every record of an earlier actor
+        with the same key (which a delete left in the log)."""
+        return self.shard_of(actor).log.reserve()
+
+    def opened(self, actor: Actor) -> None:
+        actor.start_capture()
+
+    def before_commit(self, actor: Actor) -> None:
+        """Inside the transaction: give the batch an LSN and its record."""
+        capture = actor.capture
+        assert capture is not None
+        if capture.empty and not actor.schema_changed:
+            return  # nothing written
+        shard = self.shard_of(actor)
+        lsn = shard.log.reserve()
+        actor.write_lsn(lsn)  # captured too: replaying the record moves the file's LSN
+        record = None if actor.schema_changed else capture.take(actor.conn)  # type: ignore[arg-type]
+        actor.last_lsn = lsn
+        if record is None:
+            capture.reset()
+            actor.needs_file_sync = True
+            return
+        shard.buffer.append(encode_record(lsn, actor.key, record))
+        shard.buffered_lsn = lsn
+        shard.unsynced.setdefault(actor, lsn)
+        shard.wake.set()
+
+    def committed(
+        self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool
+    ) -> None:
+        shard = self.shard_of(actor)
+        if actor.needs_file_sync:
+            actor.pending.append((actor.last_lsn, calls, results))
+            return  # the pool syncs the file (sync_file) before the actor runs again
+        if actor.last_lsn <= max(shard.flushed_lsn, actor.file_lsn):
+            deliver(calls, results)
+            return
+        actor.pending.append((actor.last_lsn, calls, results))
+        shard.waiting.add(actor)
+
+    def rolled_back(self, actor: Actor) -> None:
+        """The transaction whose record was being built is gone: forget its keys."""
+        if actor.capture is not None:
+            actor.capture.reset()
+
+    def file_durable(self, actor: Actor, lsn: int) -> None:
+        """The actor's file holds everything up to ``lsn`` durably (sync, checkpoint,
+        close): release what waited on it and let the log be trimmed past it."""
+        actor.file_lsn = max(actor.file_lsn, lsn)
+        actor.needs_file_sync = False
+        shard = self.shards.get(os.path.dirname(os.path.dirname(actor.path)))
+        if shard is None:
+            return
+        if shard.unsynced.get(actor, lsn + 1) <= lsn:
+            if actor.last_lsn <= lsn:
+                del shard.unsynced[actor]
+            else:
+                shard.unsynced[actor] = lsn + 1
+        self._release(actor, max(shard.flushed_lsn, actor.file_lsn))
+
+    def forget(self, actor: Actor) -> None:
+        """The actor left memory (closed or deleted) with nothing pending."""
+        for shard in self.shards.values():
+            shard.unsynced.pop(actor, None)
+            shard.waiting.discard(actor)
+
+    # ------------------------------------------------------------------ background work
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _run_flusher(self, shard: _Shard) -> None:
+        while True:
+            await shard.wake.wait()
+            shard.wake = trio.Event()
+            while shard.buffer:
+                data = b"".join(shard.buffer)
+                last = shard.buffered_lsn
+                shard.buffer.clear()
+                try:
+                    await trio.to_thread.run_sync(shard.log.write, data, limiter=shard.limiter)
+                except OSError as exc:
+                    self._write_failed(shard, last, exc)
+                    continue
+                shard.rounds += 1
+                shard.bytes += len(data)
+                shard.flushed_lsn = last
+                for actor in list(shard.waiting):
+                    self._release(actor, max(last, actor.file_lsn))
+
+    def _release(self, actor: Actor, durable: int) -> None:
+        pending = actor.pending
+        while pending and pending[0][0] <= durable:
+            _, calls, results = pending.popleft()
+            deliver(calls, results)
+        if not pending:
+            for shard in self.shards.values():
+                shard.waiting.discard(actor)
+            self.on_released(actor)
+
+    def _write_failed(self, shard: _Shard, last: int, exc: OSError) -> None:
+        # The records may or may not be on disk (fsyncgate): fail their replies, mark
+        # their actors for a file sync (their files hold the writes) and go on in a
+        # new segment.
+        shard.failures += 1
+        log.error(
+            "shard log %s: write failed (%s); failing the replies it held", shard.directory, exc
+        )
+        err = Internal(f"the write could not be made durable ({exc}); it may or may not be applied")
+        for actor in list(shard.waiting):
+            while actor.pending and actor.pending[0][0] <= last:
+                for call in actor.pending.popleft()[1]:
+                    call.sink.deliver(call.tag, err)
+            actor.broken = True
+            self._release(actor, 0)
+        try:
+            shard.log.start_segment()
+        except OSError:
+            log.exception("shard log %s: cannot start a new segment", shard.directory)
+
+    async def _run_checkpointer(self, shard: _Shard) -> None:
+        """Keep the log bounded: make actor files durable, then trim what they cover."""
+        idle_rounds = 0
+        while True:
+            await trio.sleep(CHECKPOINT_POLL_S)
+            size = await trio.to_thread.run_sync(shard.log.size_bytes)
+            idle_rounds += 1
+            interval_rounds = max(1, int(self.config.log_checkpoint_interval_s / CHECKPOINT_POLL_S))
+            if size < self.config.log_trim_bytes and idle_rounds < interval_rounds:
+                continue
+            idle_rounds = 0
+            await self.checkpoint_shard(shard)
+
+    async def checkpoint_shard(self, shard: _Shard) -> None:
+        """fsync every actor file with logged writes, then trim the log below them."""
+        targets = [a for a in shard.unsynced if a.conn is not None and not a.busy]
+        for i in range(0, len(targets), SYNC_CHUNK):
+            chunk = [(a, a.last_lsn) for a in targets[i : i + SYNC_CHUNK]]
+            done = await trio.to_thread.run_sync(_sync_files, chunk)
+            for actor, lsn in done:
+                self.file_durable(actor, lsn)
+            await trio.lowlevel.checkpoint()
+        below = min(shard.unsynced.values(), default=shard.log.next_lsn())
+        below = min(below, shard.flushed_lsn + 1)
+        shard.trimmed_segments += await trio.to_thread.run_sync(shard.log.trim, below)
+
+    def statistics(self) -> dict[str, Any]:
+        shards = list(self.shards.values())
+        return {
+            "mode": "log",
+            "rounds": sum(s.rounds for s in shards),
+            "log_bytes_written": sum(s.bytes for s in shards),
+            "trimmed_segments": sum(s.trimmed_segments for s in shards),
+            "failures": sum(s.failures for s in shards),
+            "unsynced_actors": sum(len(s.unsynced) for s in shards),
+            "recovered_records": self.recovered_records,
+        }
+
+
+def _sync_files(targets: list[tuple[Actor, int]]) -> list[tuple[Actor, int]]:
+    """fdatasync the WAL of each actor (a descriptor of our own, opened and closed here:
+    with locking_mode=EXCLUSIVE SQLite holds no lock on the WAL that closing could drop)."""
+    done = []
+    for actor, lsn in targets:
+        try:
+            fd = os.open(actor.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # closed meanwhile: its close checkpointed and synced the file
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        sync_directory(os.path.dirname(actor.path))
+        done.append((actor, lsn))
+    return done
+
+
+def sync_file(actor: Actor) -> None:
+    """Make the actor's file durable up to its last commit. Blocking: worker thread."""
+    _sync_files([(actor, actor.last_lsn)])
+
+
+def drain_shard_log(directory: str, config: ActorConfig) -> None:
+    """For a shard that will not use its log (durability os/fsync): replay what it holds
+    into the actor files, then delete its segments (the epoch file stays: LSNs must keep
+    growing if the shard goes back to durability=log). Blocking."""
+    log_dir = os.path.join(directory, LOG_DIR)
+    if not os.path.isdir(log_dir):
+        return
+    shard_log = ShardLog(log_dir, config.log_segment_bytes)
+    recovered = shard_log.open()
+    try:
+        replay_shard(directory, recovered, config)
+        shard_log.trim(shard_log.next_lsn())
+    finally:
+        shard_log.close()
+
+
+def replay_shard(directory: str, recovered: Recovered, config: ActorConfig) -> int:
+    """Bring every actor file of the shard up to the log. Blocking: runs before serving.
+
+    For each key with records: open its file (a missing file was deleted: its records
+    are moot), apply the records past the LSN it holds, in one transaction, with
+    triggers and foreign keys off (the records hold their effects) and DEFENSIVE off (the
+    records may write FTS5 shadow tables), then checkpoint and close: the file is now
+    durable on its own and those records will never be needed again.
+    """
+    replayed = 0
+    for key, records in recovered.records.items():
+        try:
+            path = resolve_actor_path(directory, key)
+        except Error:
+            log.error("shard log %s: record for an invalid key %r skipped", directory, key)
+            continue
+        if not os.path.exists(path):
+            continue
+        conn, auth = open_actor_db(path, key, config, create=False)
+        try:
+            auth.trusted = True
+            file_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
+            todo = [r for r in records if r.lsn > file_lsn]
+            if not todo:
+                continue
+            conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+            conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
+            conn.pragma("foreign_keys", False)
+            tables = load_tables(conn)
+            with conn:
+                for record in todo:
+                    try:
+                        apply_record(conn, tables, record.payload)
+                    except (apsw.Error, ReplayError) as exc:
+                        raise ReplayError(
+                            f"actor {key!r}: log record {record.lsn:#x} does not apply ({exc}); "
+                            "the file or the log is damaged"
+                        ) from exc
+            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            replayed += 1
+        finally:
+            conn.close()
+    return replayed
+
+
+__all__ = ["LogDurability", "replay_shard", "sync_file"]

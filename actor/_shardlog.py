@@ -1,0 +1,239 @@
+"""The shard log: one append-only file set per shard, one fdatasync for many keys' writes.
+
+Format (docs/shardlog.md): ``DIR/epoch`` holds the current epoch; segments are
+``DIR/<first lsn, 16 hex digits>.log``, each a 32-byte header then records::
+
+    header:  magic "SHLOG\\0\\0\\0" | u16 version=1 | u16 0 | u64 first lsn | u64 created ns | u32 crc
+    record:  u32 payload length | u32 crc32(lsn..payload) | u64 lsn | u8 type | u8 0 | u16 0 | payload
+
+All integers big-endian; ``crc32`` is zlib's. A record's LSN is ``epoch << 40 | seq``:
+the epoch is bumped, durably, every time a log is opened, so an LSN is never reused
+across restarts, even one an actor file holds while its record never reached the log.
+A torn or corrupt record ends a segment: everything after it was never acknowledged.
+
+Everything here is blocking file I/O: the caller runs it in a worker thread (the
+flusher) or before serving (recovery).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ._actor import sync_directory
+
+MAGIC = b"SHLOG\0\0\0"
+VERSION = 1
+SEGMENT_HEADER = struct.Struct(">8sHHQQI")
+RECORD_HEADER = struct.Struct(">IIQBBH")
+SEQ_BITS = 40
+TYPE_ROWS = 1
+DEFAULT_SEGMENT_BYTES = 16 << 20
+EPOCH_FILE = "epoch"
+SEGMENT_SUFFIX = ".log"
+
+
+class LogCorrupt(Exception):
+    """A segment header is not a shardlite log's (not a torn tail: a wrong file)."""
+
+
+@dataclass
+class Record:
+    lsn: int
+    key: str
+    payload: bytes
+
+
+@dataclass
+class Recovered:
+    """What a log held when it was opened, by key, in LSN order."""
+
+    records: dict[str, list[Record]] = field(default_factory=dict)
+    count: int = 0
+    torn: int = 0  # segments that ended in a torn or corrupt record
+
+
+def encode_record(lsn: int, key: str, payload: bytes) -> bytes:
+    raw_key = key.encode()
+    body = struct.pack(">H", len(raw_key)) + raw_key + payload
+    crc = zlib.crc32(body, zlib.crc32(struct.pack(">QB", lsn, TYPE_ROWS)))
+    return RECORD_HEADER.pack(len(body), crc, lsn, TYPE_ROWS, 0, 0) + body
+
+
+class ShardLog:
+    """The log files of one shard. Not thread-safe: one writer (the flusher) at a time."""
+
+    def __init__(self, directory: str, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        self.epoch = 0
+        self._seq = 0
+        self._fd: int | None = None
+        self._size = 0
+        self.segments: list[tuple[int, str]] = []  # (first lsn, path), oldest first
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self) -> Recovered:
+        """Read what is there, bump the epoch, start a new segment. Blocking."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        recovered = Recovered()
+        for first, path in self._list_segments():
+            self.segments.append((first, path))
+            if not _read_segment(path, recovered):
+                recovered.torn += 1
+        self.epoch = self._bump_epoch()
+        self._seq = 0
+        self.start_segment()
+        return recovered
+
+    def _list_segments(self) -> list[tuple[int, str]]:
+        found = []
+        for name in os.listdir(self.directory):
+            if name.endswith(SEGMENT_SUFFIX):
+                try:
+                    first = int(name[: -len(SEGMENT_SUFFIX)], 16)
+                except ValueError:
+                    continue
+                found.append((first, os.path.join(self.directory, name)))
+        return sorted(found)
+
+    def _bump_epoch(self) -> int:
+        path = os.path.join(self.directory, EPOCH_FILE)
+        try:
+            with open(path, "rb") as f:
+                epoch = int.from_bytes(f.read(8), "big")
+        except FileNotFoundError:
+            epoch = 0
+        epoch += 1
+        if epoch >= 1 << (64 - SEQ_BITS):
+            raise LogCorrupt(f"{path}: epoch {epoch} is out of range")
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(epoch.to_bytes(8, "big"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        sync_directory(self.directory)
+        return epoch
+
+    def start_segment(self) -> None:
+        first = self.next_lsn()
+        path = os.path.join(self.directory, f"{first:016x}{SEGMENT_SUFFIX}")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        header = SEGMENT_HEADER.pack(MAGIC, VERSION, 0, first, time.time_ns(), 0)
+        header = header[:-4] + struct.pack(">I", zlib.crc32(header[:-4]))
+        _write_all(fd, header)
+        os.fdatasync(fd)
+        sync_directory(self.directory)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        self._size = len(header)
+        self.segments.append((first, path))
+
+    # ------------------------------------------------------------------ writing
+
+    def next_lsn(self) -> int:
+        """The LSN the next record will get (not reserved)."""
+        return (self.epoch << SEQ_BITS) | (self._seq + 1)
+
+    def reserve(self) -> int:
+        """A new LSN, greater than every one before it (event-loop thread only)."""
+        self._seq += 1
+        return (self.epoch << SEQ_BITS) | self._seq
+
+    def write(self, data: bytes) -> None:
+        """Append encoded records and make them durable. Blocking: the flusher's thread."""
+        assert self._fd is not None
+        _write_all(self._fd, data)
+        os.fdatasync(self._fd)
+        self._size += len(data)
+        if self._size >= self.segment_bytes:
+            self.start_segment()
+
+    # ------------------------------------------------------------------ trimming
+
+    def trim(self, below: int) -> int:
+        """Delete whole segments whose records all have LSNs below ``below``."""
+        removed = 0
+        while len(self.segments) > 1 and self.segments[1][0] <= below:
+            _, path = self.segments.pop(0)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            removed += 1
+        if removed:
+            sync_directory(self.directory)
+        return removed
+
+    def size_bytes(self) -> int:
+        total = 0
+        for _, path in self.segments:
+            try:
+                total += os.path.getsize(path)
+            except FileNotFoundError:
+                pass
+        return total
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_segment(path: str, into: Recovered) -> bool:
+    """Add a segment's valid records to ``into``; False if it ended torn or corrupt."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < SEGMENT_HEADER.size:
+        return False  # a segment whose header never made it: it holds nothing
+    magic, version, _, first, _, crc = SEGMENT_HEADER.unpack_from(data)
+    if magic != MAGIC or zlib.crc32(data[: SEGMENT_HEADER.size - 4]) != crc:
+        raise LogCorrupt(f"{path} is not a shardlite log segment")
+    if version != VERSION:
+        raise LogCorrupt(f"{path} has log format version {version}; this build reads {VERSION}")
+    last = first - 1
+    for record in _records(data, SEGMENT_HEADER.size):
+        if record is None:
+            return False
+        if record.lsn <= last:
+            return False
+        last = record.lsn
+        into.records.setdefault(record.key, []).append(record)
+        into.count += 1
+    return True
+
+
+def _records(data: bytes, pos: int) -> Iterator[Record | None]:
+    """The records from ``pos`` on; None (and stop) at the first torn or corrupt one."""
+    end = len(data)
+    while pos < end:
+        if end - pos < RECORD_HEADER.size:
+            yield None
+            return
+        length, crc, lsn, kind, _, _ = RECORD_HEADER.unpack_from(data, pos)
+        body_at = pos + RECORD_HEADER.size
+        if kind != TYPE_ROWS or body_at + length > end:
+            yield None
+            return
+        body = data[body_at : body_at + length]
+        if zlib.crc32(body, zlib.crc32(struct.pack(">QB", lsn, kind))) != crc:
+            yield None
+            return
+        (key_len,) = struct.unpack_from(">H", body)
+        key = body[2 : 2 + key_len].decode()
+        yield Record(lsn, key, body[2 + key_len :])
+        pos = body_at + length
