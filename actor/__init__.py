@@ -27,6 +27,7 @@ from ._errors import (
     error_from_dict,
 )
 from ._keys import MAX_KEY_BYTES, key_hash, key_to_relpath, relpath_to_key, validate_key
+from ._logdurability import LogDurability
 from ._ops import (
     Batch,
     BatchResult,
@@ -75,6 +76,7 @@ __all__ = [
     "KvOk",
     "KvPut",
     "KvValue",
+    "LogDurability",
     "MethodNotAllowed",
     "Moved",
     "NotFound",

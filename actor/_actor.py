@@ -23,6 +23,7 @@ import apsw
 import msgspec
 import trio
 
+from . import _idempotency as idempotency
 from ._capture import RowCapture, load_tables
 from ._config import ActorConfig
 from ._connection import LSN_GET, LSN_SET, open_actor_db
@@ -117,12 +118,15 @@ class Exclusive:
 class Call:
     """One request in an actor's mailbox."""
 
-    __slots__ = ("op", "sink", "tag")
+    __slots__ = ("idem", "op", "sink", "tag")
 
-    def __init__(self, op: Op | Exclusive, sink: Sink, tag: Any = None) -> None:
+    def __init__(
+        self, op: Op | Exclusive, sink: Sink, tag: Any = None, idem: str | None = None
+    ) -> None:
         self.op = op
         self.sink = sink
         self.tag = tag
+        self.idem = idem  # an idempotency key
 
 
 Replies = tuple[list[Call], list["Result | Error"]]
@@ -176,7 +180,9 @@ class Actor:
         self.written_gen = 0
         self.synced_gen = 0
         self.flushing = False
-        self.pending: deque[tuple[int, list[Call], list[Result | Error]]] = deque()
+        self.pending: deque[tuple[int, list[Call], list[Result | Error], bool]] = deque()
+        """Committed batches waiting for the output gate: (position, calls, results,
+        whether the shard log holds them)."""
         self.wal_fd: int | None = None
         self.dir_sync_needed = False
         """The WAL's directory entry must be synced on the next flush (fdatasync_wal)."""
@@ -190,6 +196,7 @@ class Actor:
         self.needs_file_sync = False  # an unlogged batch waits for the file's fdatasync
         self.schema_changed = False  # the running batch changes the schema or header
         self._schema_sql: dict[str, None] = {}  # texts of statements that do
+        self._idem_count = 0
         # counters for statistics()
         self.batches = 0
         self.calls = 0
@@ -221,12 +228,23 @@ class Actor:
         self.durability.opened(self)
 
     def start_capture(self) -> None:
-        """durability=log: record the rows each batch changes (re-run after a schema change)."""
+        """durability=log: record the rows each batch changes, from the LSN the file holds."""
         conn, auth = self.conn, self._auth
         assert conn is not None and auth is not None
         auth.trusted = True
         try:
             self.file_lsn = self.last_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
+        finally:
+            auth.trusted = False
+        self.reload_tables()
+
+    def reload_tables(self) -> None:
+        """What the capture knows of the tables (after a schema change). Not durability:
+        ``file_lsn`` moves only when the file is synced."""
+        conn, auth = self.conn, self._auth
+        assert conn is not None and auth is not None
+        auth.trusted = True
+        try:
             tables = load_tables(conn)
         finally:
             auth.trusted = False
@@ -235,6 +253,17 @@ class Actor:
             conn.preupdate_hook(self.capture.hook)
         self.capture.tables = tables
         self.capture.reset()
+
+    def take_record(self) -> bytes | None:
+        """The shard-log record of the open transaction (None: it cannot be logged)."""
+        conn, auth, capture = self.conn, self._auth, self.capture
+        assert conn is not None and auth is not None and capture is not None
+        auth.trusted = True
+        self._deadline = _NO_DEADLINE
+        try:
+            return capture.take(conn)
+        finally:
+            auth.trusted = False
 
     def write_lsn(self, lsn: int) -> None:
         """Record in the file, inside the open transaction, the log position it reaches."""
@@ -394,7 +423,7 @@ class Actor:
         if self.schema_changed:
             self.schema_changed = False
             if self.capture is not None and not self.broken:
-                self.start_capture()  # the batch may have made or dropped tables
+                self.reload_tables()  # the batch may have made or dropped tables
 
     def _commit(self) -> None:
         self.durability.before_commit(self)  # durability=log: the batch's LSN and record
@@ -423,7 +452,7 @@ class Actor:
             while todo:
                 i = todo.popleft()
                 try:
-                    result = self._run_call(calls[i].op)  # type: ignore[arg-type]
+                    result = self._run_call(calls[i])
                 except _TxnLost as lost:
                     result = lost.error
                     self.durability.rolled_back(self)
@@ -456,7 +485,7 @@ class Actor:
                 results[i] = err
         return results
 
-    def _run_call(self, op: Op) -> Result | Error:
+    def _run_call(self, call: Call) -> Result | Error:
         """Run one call inside the batch's transaction; its failure undoes only its writes.
 
         A Batch operation runs in a savepoint. A single statement needs none: on the
@@ -465,12 +494,21 @@ class Actor:
         """
         conn = self.conn
         assert conn is not None
+        op: Op = call.op  # type: ignore[assignment]
         self._single = single = type(op) is not Batch
         self._call_wrote = False
         if not single:
             self._internal(_SAVEPOINT)
         try:
-            result = self._apply(op)
+            if call.idem is not None:
+                done = self._idem_lookup(call.idem, op)
+                if done is not None:
+                    result = done
+                else:
+                    result = self._apply(op)
+                    self._idem_record(call.idem, op, result)
+            else:
+                result = self._apply(op)
         except apsw.Error as exc:
             err: Error = _map_error(exc, self._auth)
         except Error as exc:
@@ -491,6 +529,30 @@ class Actor:
             self._internal(_ROLLBACK)  # _run_transaction tells the durability policy
             raise _TxnLost(err)
         return err
+
+    def _idem_lookup(self, key: str, op: Op) -> Result | None:
+        idempotency.check_key(key)
+        auth = self._auth
+        assert self.conn is not None and auth is not None
+        auth.trusted = True
+        self._deadline = _NO_DEADLINE
+        try:
+            return idempotency.lookup(self.conn, key, op)
+        finally:
+            auth.trusted = False
+
+    def _idem_record(self, key: str, op: Op, result: Result) -> None:
+        auth = self._auth
+        assert self.conn is not None and auth is not None
+        auth.trusted = True
+        self._deadline = _NO_DEADLINE
+        self._idem_count += 1
+        try:
+            idempotency.record(
+                self.conn, key, op, result, ttl_s=self.config.idempotency_ttl_s, n=self._idem_count
+            )
+        finally:
+            auth.trusted = False
 
     def _reset_cursor(self) -> None:
         """A fresh cursor: a statement that failed mid-way must not stay in progress."""

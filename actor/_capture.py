@@ -25,6 +25,8 @@ from typing import Any
 import apsw
 import msgspec
 
+from ._sandbox import internal_sql
+
 MAX_CAPTURED_ROWS = 10_000
 """Past this many rows in one transaction the record is not worth it: sync the file."""
 
@@ -50,13 +52,13 @@ class TableInfo:
             # the rowid is always named, even when a column is its alias: a table may
             # also have a rowid of its own (no INTEGER PRIMARY KEY, or one declared DESC)
             marks = ", ".join("?" * (len(columns) + 1))
-            self.select_sql = f"SELECT {cols} FROM {table} WHERE {rowid} = ?"
+            self.select_sql = internal_sql(f"SELECT {cols} FROM {table} WHERE {rowid} = ?")
             self.upsert_sql = f"INSERT OR REPLACE INTO {table} ({rowid}, {cols}) VALUES ({marks})"
             self.delete_sql = f"DELETE FROM {table} WHERE {rowid} = ?"
         else:
             where = " AND ".join(f"{_quote(columns[i])} = ?" for i in pk)
             marks = ", ".join("?" * len(columns))
-            self.select_sql = f"SELECT {cols} FROM {table} WHERE {where}"
+            self.select_sql = internal_sql(f"SELECT {cols} FROM {table} WHERE {where}")
             self.upsert_sql = f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})"
             self.delete_sql = f"DELETE FROM {table} WHERE {where}"
 

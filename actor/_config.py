@@ -20,6 +20,7 @@ DEFAULT_FSYNC_THREADS = 4
 DEFAULT_LOG_SEGMENT_BYTES = 16 << 20
 DEFAULT_LOG_TRIM_BYTES = 64 << 20
 DEFAULT_LOG_CHECKPOINT_INTERVAL_S = 30.0
+DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600.0
 
 
 class Durability(enum.Enum):
@@ -54,5 +55,7 @@ class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Past this many bytes of log the shard's actor files are synced and the log trimmed."""
     log_checkpoint_interval_s: float = DEFAULT_LOG_CHECKPOINT_INTERVAL_S
     """The log is trimmed at least this often, however small it is."""
+    idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S
+    """How long an idempotency key's result is kept for retries."""
     vfs: str | None = None
     """Name of a registered apsw VFS to open files with (fault-injection tests only)."""

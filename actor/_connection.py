@@ -8,6 +8,7 @@ import apsw
 
 from ._config import ActorConfig
 from ._errors import Internal, NotFound
+from ._idempotency import IDEM_DDL
 from ._sandbox import Authorizer, harden, internal_sql
 
 FORMAT_VERSION = 1
@@ -78,10 +79,11 @@ def _check_or_init_meta(
         if has_meta:
             rows = conn.execute(_META_GET, ("key",)).fetchall()
             if rows and rows[0][0] == key:
-                if not conn.table_exists("main", "_shardlite_lsn"):
-                    with conn:  # a file from before the shard log: it starts at 0
+                if not conn.table_exists("main", "_shardlite_idem"):
+                    with conn:  # a file from an earlier version of shardlite
                         conn.execute(LSN_DDL)
                         conn.execute(_LSN_INIT, (0,))
+                        conn.execute(IDEM_DDL)
                 return
             if rows:
                 raise Internal(
@@ -95,6 +97,7 @@ def _check_or_init_meta(
             conn.execute(KV_DDL)
             conn.execute(LSN_DDL)
             conn.execute(_LSN_INIT, (initial_lsn,))
+            conn.execute(IDEM_DDL)
             conn.execute(_META_PUT, ("key", key))
             conn.execute(_META_PUT, ("format", FORMAT_VERSION))
     finally:

@@ -64,6 +64,9 @@ class DurabilityPolicy(Protocol):
     def forget(self, actor: Actor) -> None:
         """The actor left memory."""
 
+    def sync_file(self, actor: Actor) -> None:
+        """Make the actor's own file durable (blocking: a worker thread)."""
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Background work of the policy (the flusher), until cancelled."""
 
@@ -98,6 +101,9 @@ class _PerFileDurability:
 
     def forget(self, actor: Actor) -> None:
         pass
+
+    def sync_file(self, actor: Actor) -> None:
+        pass  # only durability=log asks for it
 
 
 class OsDurability(_PerFileDurability):
@@ -159,7 +165,7 @@ class FsyncDurability(_PerFileDurability):
         if actor.written_gen == actor.synced_gen:
             deliver(calls, results)
             return
-        actor.pending.append((actor.written_gen, calls, results))
+        actor.pending.append((actor.written_gen, calls, results, False))
         if wrote and not actor.flushing and actor not in self._queued:
             self._queued.add(actor)
             self._dirty.append(actor)
@@ -196,7 +202,7 @@ class FsyncDurability(_PerFileDurability):
                 continue
             actor.synced_gen = target
             while actor.pending and actor.pending[0][0] <= target:
-                _, calls, results = actor.pending.popleft()
+                _, calls, results, _ = actor.pending.popleft()
                 deliver(calls, results)
             if actor.written_gen > actor.synced_gen and actor not in self._queued:
                 self._queued.add(actor)

@@ -45,6 +45,18 @@ SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
 
 
+def sync_wal(actor: Actor) -> None:
+    """fdatasync the actor's WAL with a descriptor of our own, opened and closed here (with
+    locking_mode=EXCLUSIVE SQLite holds no lock on the WAL that closing it could drop).
+    Raises FileNotFoundError if the WAL is gone: the file was checkpointed and closed."""
+    fd = os.open(actor.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    sync_directory(os.path.dirname(actor.path))
+
+
 class _Shard:
     """The log of one shard and who waits on it."""
 
@@ -69,8 +81,9 @@ class LogDurability:
 
     mode = "log"
 
-    def __init__(self, config: ActorConfig) -> None:
+    def __init__(self, config: ActorConfig, sync: Callable[[Actor], None] = sync_wal) -> None:
         self.config = config
+        self._sync = sync  # the fault-injection seam of the power-cut tests
         self.shards: dict[str, _Shard] = {}
         self.on_released: Callable[[Actor], None] = lambda actor: None
         self._nursery: trio.Nursery | None = None
@@ -128,7 +141,7 @@ class LogDurability:
         shard = self.shard_of(actor)
         lsn = shard.log.reserve()
         actor.write_lsn(lsn)  # captured too: replaying the record moves the file's LSN
-        record = None if actor.schema_changed else capture.take(actor.conn)  # type: ignore[arg-type]
+        record = None if actor.schema_changed else actor.take_record()
         actor.last_lsn = lsn
         if record is None:
             capture.reset()
@@ -144,12 +157,14 @@ class LogDurability:
     ) -> None:
         shard = self.shard_of(actor)
         if actor.needs_file_sync:
-            actor.pending.append((actor.last_lsn, calls, results))
-            return  # the pool syncs the file (sync_file) before the actor runs again
+            # not in the log: only the file's own sync (the pool runs it before the actor
+            # runs again) may release these, never a log flush of later records
+            actor.pending.append((actor.last_lsn, calls, results, False))
+            return
         if actor.last_lsn <= max(shard.flushed_lsn, actor.file_lsn):
             deliver(calls, results)
             return
-        actor.pending.append((actor.last_lsn, calls, results))
+        actor.pending.append((actor.last_lsn, calls, results, True))
         shard.waiting.add(actor)
 
     def rolled_back(self, actor: Actor) -> None:
@@ -170,7 +185,7 @@ class LogDurability:
                 del shard.unsynced[actor]
             else:
                 shard.unsynced[actor] = lsn + 1
-        self._release(actor, max(shard.flushed_lsn, actor.file_lsn))
+        self._release(actor, shard.flushed_lsn)
 
     def forget(self, actor: Actor) -> None:
         """The actor left memory (closed or deleted) with nothing pending."""
@@ -203,12 +218,18 @@ class LogDurability:
                 shard.bytes += len(data)
                 shard.flushed_lsn = last
                 for actor in list(shard.waiting):
-                    self._release(actor, max(last, actor.file_lsn))
+                    self._release(actor, last)
 
-    def _release(self, actor: Actor, durable: int) -> None:
+    def _release(self, actor: Actor, flushed: int) -> None:
+        """Deliver, in order, every pending batch that is durable: in the actor's own
+        file, or (logged batches only) in the log up to ``flushed``."""
         pending = actor.pending
-        while pending and pending[0][0] <= durable:
-            _, calls, results = pending.popleft()
+        file_lsn = actor.file_lsn
+        while pending:
+            lsn, calls, results, logged = pending[0]
+            if not (lsn <= file_lsn or (logged and lsn <= flushed)):
+                break
+            pending.popleft()
             deliver(calls, results)
         if not pending:
             for shard in self.shards.values():
@@ -253,13 +274,27 @@ class LogDurability:
         targets = [a for a in shard.unsynced if a.conn is not None and not a.busy]
         for i in range(0, len(targets), SYNC_CHUNK):
             chunk = [(a, a.last_lsn) for a in targets[i : i + SYNC_CHUNK]]
-            done = await trio.to_thread.run_sync(_sync_files, chunk)
+            done = await trio.to_thread.run_sync(self._sync_many, chunk)
             for actor, lsn in done:
                 self.file_durable(actor, lsn)
             await trio.lowlevel.checkpoint()
         below = min(shard.unsynced.values(), default=shard.log.next_lsn())
         below = min(below, shard.flushed_lsn + 1)
         shard.trimmed_segments += await trio.to_thread.run_sync(shard.log.trim, below)
+
+    def sync_file(self, actor: Actor) -> None:
+        """Make the actor's file durable up to its last commit. Blocking: worker thread."""
+        self._sync(actor)
+
+    def _sync_many(self, targets: list[tuple[Actor, int]]) -> list[tuple[Actor, int]]:
+        done = []
+        for actor, lsn in targets:
+            try:
+                self._sync(actor)
+            except FileNotFoundError:
+                continue  # closed meanwhile: its close checkpointed and synced the file
+            done.append((actor, lsn))
+        return done
 
     def statistics(self) -> dict[str, Any]:
         shards = list(self.shards.values())
@@ -272,29 +307,6 @@ class LogDurability:
             "unsynced_actors": sum(len(s.unsynced) for s in shards),
             "recovered_records": self.recovered_records,
         }
-
-
-def _sync_files(targets: list[tuple[Actor, int]]) -> list[tuple[Actor, int]]:
-    """fdatasync the WAL of each actor (a descriptor of our own, opened and closed here:
-    with locking_mode=EXCLUSIVE SQLite holds no lock on the WAL that closing could drop)."""
-    done = []
-    for actor, lsn in targets:
-        try:
-            fd = os.open(actor.path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue  # closed meanwhile: its close checkpointed and synced the file
-        try:
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        sync_directory(os.path.dirname(actor.path))
-        done.append((actor, lsn))
-    return done
-
-
-def sync_file(actor: Actor) -> None:
-    """Make the actor's file durable up to its last commit. Blocking: worker thread."""
-    _sync_files([(actor, actor.last_lsn)])
 
 
 def drain_shard_log(directory: str, config: ActorConfig) -> None:
@@ -358,4 +370,4 @@ def replay_shard(directory: str, recovered: Recovered, config: ActorConfig) -> i
     return replayed
 
 
-__all__ = ["LogDurability", "replay_shard", "sync_file"]
+__all__ = ["LogDurability", "drain_shard_log", "replay_shard", "sync_wal"]

@@ -30,7 +30,6 @@ from ._config import ActorConfig
 from ._durability import DurabilityPolicy, make_durability
 from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
 from ._keys import resolve_actor_path, validate_key
-from ._logdurability import sync_file
 from ._ops import Deleted, ExportResult, Op
 
 log = logging.getLogger("shardlite.actor")
@@ -193,10 +192,16 @@ class ActorPool:
         if ready:
             self._runner_wake.set()
 
-    async def call(self, key: str, op: Op | Exclusive) -> Any:
-        """Run one operation on ``key``'s actor and return its result (or raise)."""
+    async def call(
+        self, key: str, op: Op | Exclusive, *, idempotency_key: str | None = None
+    ) -> Any:
+        """Run one operation on ``key``'s actor and return its result (or raise).
+
+        With an ``idempotency_key``, a call that already succeeded is not run again: its
+        first result is returned.
+        """
         waiter = Waiter()
-        self.submit_nowait(key, [Call(op, waiter)])
+        self.submit_nowait(key, [Call(op, waiter, None, idempotency_key)])
         self.wake_runner()
         return await waiter.wait()
 
@@ -334,7 +339,7 @@ class ActorPool:
         lsn = actor.last_lsn
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(sync_file, actor)
+                await trio.to_thread.run_sync(self.durability.sync_file, actor)
             except OSError as exc:
                 log.error("actor %r: fdatasync failed: %s", actor.key, exc)
                 self._fail_pending(actor, exc)

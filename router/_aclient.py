@@ -133,12 +133,12 @@ class AsyncRpcTransport:
         ) as exc:
             conn.fail_all(exc)
 
-    async def request(self, key: str, op: wire.WireOp) -> Any:
+    async def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
         conn = await self._connection()
         req_id = next(self._ids)
         pending = _Pending()
         conn.pending[req_id] = pending
-        frame = wire.request_frame(req_id, key, op)
+        frame = wire.request_frame(req_id, key, op, idempotency_key)
         try:
             sending = sent = False
             try:
@@ -180,9 +180,11 @@ class AsyncHttpTransport:
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         return None
 
-    async def request(self, key: str, op: wire.WireOp) -> Any:
+    async def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
         method, path, body, query = proto.http_request(op, key)
         headers = {"Accept": "application/msgpack"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         content = None
         if body is not None or method in ("POST", "PUT"):
             content = wire.encode(body)
@@ -209,11 +211,11 @@ class AsyncKv:
             return default
         return result.value
 
-    async def put(self, name: str, value: Any) -> None:
-        await self._actor._request(KvPut(name, value))
+    async def put(self, name: str, value: Any, *, idempotency_key: str | None = None) -> None:
+        await self._actor._request(KvPut(name, value), idempotency_key)
 
-    async def delete(self, name: str) -> bool:
-        deleted: bool = (await self._actor._request(KvDelete(name))).deleted
+    async def delete(self, name: str, *, idempotency_key: str | None = None) -> bool:
+        deleted: bool = (await self._actor._request(KvDelete(name), idempotency_key)).deleted
         return deleted
 
     async def list(
@@ -231,19 +233,23 @@ class AsyncActor:
         self._client = client
         self.kv = AsyncKv(self)
 
-    async def _request(self, op: wire.WireOp) -> Any:
-        return await self._client._transport.request(self.key, op)
+    async def _request(self, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
+        return await self._client._transport.request(self.key, op, idempotency_key)
 
-    async def sql(self, sql: str, params: Any = None) -> SqlResult:
-        result: SqlResult = await self._request(proto.sql_op(sql, params))
+    async def sql(
+        self, sql: str, params: Any = None, *, idempotency_key: str | None = None
+    ) -> SqlResult:
+        result: SqlResult = await self._request(proto.sql_op(sql, params), idempotency_key)
         return result
 
     async def batch(
-        self, statements: Iterable[str | tuple[str, Any] | Statement]
+        self,
+        statements: Iterable[str | tuple[str, Any] | Statement],
+        *,
+        idempotency_key: str | None = None,
     ) -> list[SqlResult]:
-        results: list[SqlResult] = (
-            await self._request(Batch(proto.statements_of(statements)))
-        ).results
+        op = Batch(proto.statements_of(statements))
+        results: list[SqlResult] = (await self._request(op, idempotency_key)).results
         return results
 
     async def export(self) -> bytes:

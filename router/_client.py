@@ -46,10 +46,10 @@ class RpcTransport:
         self._frames = []
         return sock
 
-    def request(self, key: str, op: wire.WireOp) -> Any:
+    def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
         with self._lock:
             req_id = next(self._ids)
-            data = wire.request_frame(req_id, key, op)
+            data = wire.request_frame(req_id, key, op, idempotency_key)
             if self._sock is None:
                 self._sock = self._connect()
             try:
@@ -102,9 +102,11 @@ class HttpTransport:
     def __init__(self, target: proto.Target, timeout: float) -> None:
         self._client = httpx.Client(base_url=target.base_url, timeout=timeout)
 
-    def request(self, key: str, op: wire.WireOp) -> Any:
+    def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
         method, path, body, query = proto.http_request(op, key)
         headers = {"Accept": "application/msgpack"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         content = None
         if body is not None or method in ("POST", "PUT"):
             content = wire.encode(body)
@@ -134,11 +136,11 @@ class Kv:
             return default
         return result.value
 
-    def put(self, name: str, value: Any) -> None:
-        self._actor._request(KvPut(name, value))
+    def put(self, name: str, value: Any, *, idempotency_key: str | None = None) -> None:
+        self._actor._request(KvPut(name, value), idempotency_key)
 
-    def delete(self, name: str) -> bool:
-        deleted: bool = self._actor._request(KvDelete(name)).deleted
+    def delete(self, name: str, *, idempotency_key: str | None = None) -> bool:
+        deleted: bool = self._actor._request(KvDelete(name), idempotency_key).deleted
         return deleted
 
     def list(
@@ -157,17 +159,27 @@ class Actor:
         self._client = client
         self.kv = Kv(self)
 
-    def _request(self, op: wire.WireOp) -> Any:
-        return self._client._transport.request(self.key, op)
+    def _request(self, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
+        return self._client._transport.request(self.key, op, idempotency_key)
 
-    def sql(self, sql: str, params: Any = None) -> SqlResult:
-        """Run one statement; params are a sequence (``?``) or a mapping (``:name``)."""
-        result: SqlResult = self._request(proto.sql_op(sql, params))
+    def sql(self, sql: str, params: Any = None, *, idempotency_key: str | None = None) -> SqlResult:
+        """Run one statement; params are a sequence (``?``) or a mapping (``:name``).
+
+        With an ``idempotency_key``, sending the same call again (after a lost reply)
+        returns the first result and applies nothing twice.
+        """
+        result: SqlResult = self._request(proto.sql_op(sql, params), idempotency_key)
         return result
 
-    def batch(self, statements: Iterable[str | tuple[str, Any] | Statement]) -> list[SqlResult]:
+    def batch(
+        self,
+        statements: Iterable[str | tuple[str, Any] | Statement],
+        *,
+        idempotency_key: str | None = None,
+    ) -> list[SqlResult]:
         """Run several statements atomically; returns one result per statement."""
-        results: list[SqlResult] = self._request(Batch(proto.statements_of(statements))).results
+        op = Batch(proto.statements_of(statements))
+        results: list[SqlResult] = self._request(op, idempotency_key).results
         return results
 
     def export(self, path: str | None = None) -> bytes:

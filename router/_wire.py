@@ -65,6 +65,7 @@ class Request(msgspec.Struct, array_like=True, frozen=True):
     id: RequestId
     key: str
     op: WireOp
+    idempotency_key: str | None = None
 
 
 class Response(msgspec.Struct, array_like=True):
@@ -109,8 +110,10 @@ def error_frame(req_id: int, error: Error) -> bytes:
     return frame(encode((req_id, STATUS_ERROR, error.to_dict())))
 
 
-def request_frame(req_id: int, key: str, op: WireOp) -> bytes:
-    return frame(encode((req_id, key, op)))
+def request_frame(req_id: int, key: str, op: WireOp, idempotency_key: str | None = None) -> bytes:
+    if idempotency_key is None:
+        return frame(encode((req_id, key, op)))
+    return frame(encode((req_id, key, op, idempotency_key)))
 
 
 def guess_id(payload: bytes | memoryview) -> int:

@@ -131,16 +131,20 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _error_response(Internal("unexpected server error; see the server log"))
 
+    def idempotency_key() -> str | None:
+        return request.headers.get("Idempotency-Key")
+
     @app.route("/v1/actors/<key>/sql", methods=["POST"])
     async def sql(key: str) -> Response:
         stmt = codec.decode_sql(await body(), codec.is_msgpack(request.content_type))
-        result = await pool.call(key_of(key), Sql(stmt.sql, stmt.params))
+        op = Sql(stmt.sql, stmt.params)
+        result = await pool.call(key_of(key), op, idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/batch", methods=["POST"])
     async def batch(key: str) -> Response:
         stmts = codec.decode_batch(await body(), codec.is_msgpack(request.content_type))
-        result = await pool.call(key_of(key), Batch(stmts))
+        result = await pool.call(key_of(key), Batch(stmts), idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/kv", methods=["GET"])
@@ -162,12 +166,12 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
     @app.route("/v1/actors/<key>/kv/<path:name>", methods=["PUT"])
     async def kv_put(key: str, name: str) -> Response:
         value = codec.decode_value(await body(), codec.is_msgpack(request.content_type))
-        result = await pool.call(key_of(key), KvPut(name, value))
+        result = await pool.call(key_of(key), KvPut(name, value), idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/kv/<path:name>", methods=["DELETE"])
     async def kv_delete(key: str, name: str) -> Response:
-        result = await pool.call(key_of(key), KvDelete(name))
+        result = await pool.call(key_of(key), KvDelete(name), idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/call/<method>", methods=["POST"])

@@ -152,11 +152,12 @@ class RpcConnection:
             elif kind is wire.Export:
                 op = self.pool.export_call(self.reader.max_frame - EXPORT_FRAME_OVERHEAD)
             self.inflight += 1
+            call = Call(op, self, req.id, req.idempotency_key)
             calls = groups.get(req.key)
             if calls is None:
-                groups[req.key] = [Call(op, self, req.id)]
+                groups[req.key] = [call]
             else:
-                calls.append(Call(op, self, req.id))
+                calls.append(call)
         self.metrics.rpc_requests.inc(len(frames))
         submit = self.pool.submit_nowait
         for key, calls in groups.items():

@@ -402,3 +402,22 @@ async def test_async_client_survives_a_request_cancelled_while_being_sent(
         for _ in range(3):
             with trio.fail_after(10):
                 assert (await actor.sql("SELECT 2")).rows == [(2,)]
+
+
+@pytest.mark.parametrize("scheme", ["rpc", "http"])
+def test_idempotency_key_makes_a_retried_write_apply_once(
+    module_server: Any, scheme: str, key: str
+) -> None:
+    url = module_server.rpc_url if scheme == "rpc" else module_server.http_url
+    with shardlite.connect(url) as client:
+        actor = client.actor(key)
+        actor.sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v)")
+        first = actor.sql("INSERT INTO t(v) VALUES (?) RETURNING id", ["x"], idempotency_key="op-1")
+        again = actor.sql("INSERT INTO t(v) VALUES (?) RETURNING id", ["x"], idempotency_key="op-1")
+        assert again.rows == first.rows
+        actor.batch([("INSERT INTO t(v) VALUES ('b')", None)], idempotency_key="op-2")
+        actor.batch([("INSERT INTO t(v) VALUES ('b')", None)], idempotency_key="op-2")
+        actor.kv.put("n", 1, idempotency_key="op-3")
+        assert actor.sql("SELECT count(*) FROM t").rows == [(2,)]
+        with pytest.raises(shardlite.BadRequest, match="different request"):
+            actor.sql("DELETE FROM t", idempotency_key="op-1")
