@@ -258,15 +258,14 @@ class LogDurability:
 
     async def _run_checkpointer(self, shard: _Shard) -> None:
         """Keep the log bounded: make actor files durable, then trim what they cover."""
-        idle_rounds = 0
+        poll = min(CHECKPOINT_POLL_S, self.config.log_checkpoint_interval_s / 2)
+        last = trio.current_time()
         while True:
-            await trio.sleep(CHECKPOINT_POLL_S)
-            size = await trio.to_thread.run_sync(shard.log.size_bytes)
-            idle_rounds += 1
-            interval_rounds = max(1, int(self.config.log_checkpoint_interval_s / CHECKPOINT_POLL_S))
-            if size < self.config.log_trim_bytes and idle_rounds < interval_rounds:
+            await trio.sleep(poll)
+            due = trio.current_time() - last >= self.config.log_checkpoint_interval_s
+            if not due and shard.log.size_bytes() < self.config.log_trim_bytes:
                 continue
-            idle_rounds = 0
+            last = trio.current_time()
             await self.checkpoint_shard(shard)
 
     async def checkpoint_shard(self, shard: _Shard) -> None:

@@ -66,6 +66,12 @@ class PowerCutVFS(apsw.VFS):
     def cut(self) -> None:
         self.is_cut = True
 
+    def revive(self) -> None:
+        """Power is back (after :meth:`restore`): what is on disk is durable."""
+        for path in self.pending:
+            self.pending[path] = []
+        self.is_cut = False
+
     def restore(self) -> None:
         """Put every tracked file back to its durable image (None: the file never was)."""
         for path, image in self.durable.items():

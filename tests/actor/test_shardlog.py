@@ -299,3 +299,38 @@ async def test_a_log_flush_never_releases_a_batch_that_is_not_in_the_log(tmp_pat
             assert replies == []
             held.set()
         assert replies == ["a"]
+
+
+async def test_the_log_stays_bounded_and_recovery_after_trimming_loses_nothing(
+    harness: Harness,
+) -> None:
+    harness.config = ActorConfig(
+        vfs=harness.vfs.vfs_name,
+        log_segment_bytes=32 * 1024,
+        log_trim_bytes=128 * 1024,
+        log_checkpoint_interval_s=0.1,
+    )
+    durability = harness.durability()
+    keys = [f"key-{i}" for i in range(8)]
+    acked: set[tuple[str, int]] = set()
+    biggest = 0
+    async with open_actor_pool(harness.config, str(harness.data), durability) as pool:
+        for key in keys:
+            await pool.call(key, Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT)"))
+        for n in range(3000):  # about 1 MB of log in all, many times the bound
+            key = keys[n % len(keys)]
+            await pool.call(key, Sql("INSERT INTO t VALUES (?, ?)", [n, "x" * 200]))
+            acked.add((key, n))
+            if n % 100 == 0:
+                biggest = max(biggest, durability.shards[str(harness.data)].log.size_bytes())
+                await trio.sleep(0.01)  # let the checkpointer run
+        stats = durability.statistics()
+        harness.power_cut()
+    harness.restore()
+    assert stats["trimmed_segments"] > 0
+    assert biggest < 8 * 128 * 1024, f"the log grew to {biggest} bytes"
+    async with open_actor_pool(ActorConfig(), str(harness.data)) as pool:
+        present = set()
+        for key in keys:
+            present |= {(key, n) for (n,) in (await pool.call(key, Sql("SELECT id FROM t"))).rows}
+    assert acked <= present

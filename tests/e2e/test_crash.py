@@ -59,7 +59,7 @@ class Load:
                 self.enough.set()
 
 
-@pytest.mark.parametrize("durability", ["fsync", "os"])
+@pytest.mark.parametrize("durability", ["log", "fsync", "os"])
 def test_kill9_under_load_loses_no_acknowledged_write(
     start_server: Any, tmp_path: Path, durability: str
 ) -> None:
