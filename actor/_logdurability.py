@@ -54,7 +54,9 @@ def sync_wal(actor: Actor) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    sync_directory(os.path.dirname(actor.path))
+    if actor.dir_sync_needed:  # the WAL was created since the actor was opened
+        sync_directory(os.path.dirname(actor.path))
+        actor.dir_sync_needed = False
 
 
 class _Shard:
