@@ -191,6 +191,7 @@ class Actor:
         self.released: trio.Event | None = None
         # durability=log: the shard log's bookkeeping (see _logdurability.py)
         self.capture: RowCapture | None = None
+        self.log_shard: Any = None  # the shard log's state for this file's shard
         self.last_lsn = 0  # LSN of the last batch that wrote
         self.file_lsn = 0  # everything up to this LSN is durable in the file itself
         self.needs_file_sync = False  # an unlogged batch waits for the file's fdatasync

@@ -27,6 +27,7 @@ import msgspec
 
 from ._sandbox import internal_sql
 
+LSN_TABLE = "_shardlite_lsn"
 MAX_CAPTURED_ROWS = 10_000
 """Past this many rows in one transaction the record is not worth it: sync the file."""
 
@@ -105,6 +106,8 @@ class RowCapture:
         """The preupdate hook. It must never raise: SQLite cannot report it."""
         try:
             name = update.table_name
+            if name == LSN_TABLE:
+                return  # the record's own LSN: replay writes it (see replay_shard)
             keys = self.touched.get(name)
             if keys is None:
                 keys = self.touched[name] = set()

@@ -31,7 +31,7 @@ import trio.lowlevel
 from ._actor import Actor, Call, deliver, sync_directory
 from ._capture import ReplayError, apply_record, load_tables
 from ._config import ActorConfig
-from ._connection import LSN_GET, open_actor_db
+from ._connection import LSN_GET, LSN_SET, open_actor_db
 from ._errors import Error, Internal
 from ._keys import resolve_actor_path
 from ._ops import Result
@@ -118,10 +118,13 @@ class LogDurability:
         self._nursery.start_soon(self._run_checkpointer, shard)
 
     def shard_of(self, actor: Actor) -> _Shard:
-        directory = os.path.dirname(os.path.dirname(actor.path))
-        shard = self.shards.get(directory)
-        if shard is None:
-            raise Internal(f"shard {directory} is not attached to this server")
+        shard: _Shard | None = actor.log_shard
+        if shard is None:  # once per open actor: a shard stays attached while it has any
+            directory = os.path.dirname(os.path.dirname(actor.path))
+            shard = self.shards.get(directory)
+            if shard is None:
+                raise Internal(f"shard {directory} is not attached to this server")
+            actor.log_shard = shard
         return shard
 
     # ------------------------------------------------------------------ the actor's seam
@@ -142,8 +145,8 @@ class LogDurability:
             return  # nothing written
         shard = self.shard_of(actor)
         lsn = shard.log.reserve()
-        actor.write_lsn(lsn)  # captured too: replaying the record moves the file's LSN
         record = None if actor.schema_changed else actor.take_record()
+        actor.write_lsn(lsn)  # not captured: replay writes the LSN of the last record
         actor.last_lsn = lsn
         if record is None:
             capture.reset()
@@ -364,6 +367,7 @@ def replay_shard(directory: str, recovered: Recovered, config: ActorConfig) -> i
                             f"actor {key!r}: log record {record.lsn:#x} does not apply ({exc}); "
                             "the file or the log is damaged"
                         ) from exc
+                conn.execute(LSN_SET, (todo[-1].lsn,))
             conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
             replayed += 1
         finally:

@@ -8,7 +8,8 @@ generator. A request frame is built from bytes encoded ahead of time (the length
 
 As a program (pin it to the load CPU with taskset), it prints one JSON line::
 
-    python -m benchmarks.rpc_load --port P --keys 64 --conns 4 --window 64 --seconds 5
+    python -m benchmarks.rpc_load --port P --keys 64 --conns 4 --window 64 --seconds 5 \
+        [--draw uniform]
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from .common import INSERT_SQL, percentile
 
 STALL_TIMEOUT_S = 60.0
 """Give up when no reply arrived for this long."""
+UNIFORM_DRAWS = 1 << 17
+"""``draw="uniform"``: each connection's key sequence, drawn ahead (then repeated)."""
 
 
 class Reply(msgspec.Struct, array_like=True):
@@ -103,16 +106,24 @@ def run(
     max_requests: int = 10_000_000,
     once: bool = False,
     seed: int = 1,
+    draw: str = "cycle",
 ) -> dict[str, Any]:
     """Drive load for ``seconds`` (and at most ``max_requests``); ``once``: send every
-    frame exactly once instead (split over the connections; no time bound)."""
+    frame exactly once instead (split over the connections; no time bound).
+
+    ``draw``: each connection cycles through the keys in its own shuffled order
+    (``cycle``: every key equally often), or draws each request's key independently and
+    uniformly at random (``uniform``, like pgbench's ``random()``)."""
     clients = []
     for c in range(conns):
+        rng = random.Random(seed + c)
         if once:
             order = frames[c::conns]
+        elif draw == "uniform":
+            order = rng.choices(frames, k=max(UNIFORM_DRAWS, 8 * len(frames)))
         else:
             order = list(frames)
-            random.Random(seed + c).shuffle(order)
+            rng.shuffle(order)
         clients.append(Conn(port, order, once))
     by_fd = {cl.sock.fileno(): cl for cl in clients}
     ep = select.epoll()
@@ -194,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--max-requests", type=int, default=10_000_000)
+    ap.add_argument("--draw", choices=("cycle", "uniform"), default="cycle")
     args = ap.parse_args(argv)
     frames = templates([key_name(i) for i in range(args.keys)], insert_op)
     result = run(
@@ -203,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         window=args.window,
         seconds=args.seconds,
         max_requests=args.max_requests,
+        draw=args.draw,
     )
     sys.stdout.write(json.dumps(result, default=str) + "\n")
 

@@ -3,9 +3,9 @@
     python -m benchmarks [section ...] [--quick] [--runs N] [--write | --no-write]
     python benchmarks/run.py ...
 
-Sections: inprocess, rpc, http, coldstart (default: all, in that order). ``--quick`` is a
-smoke run of a few seconds per section; it leaves docs/benchmarks.md alone unless
-``--write`` is given.
+Sections: inprocess, rpc, durable, http, coldstart (default: all, in that order).
+``--quick`` is a smoke run of a few seconds per section; it leaves docs/benchmarks.md
+alone unless ``--write`` is given.
 """
 
 from __future__ import annotations
@@ -22,11 +22,18 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "benchmarks"
 
-from benchmarks import bench_coldstart, bench_http, bench_inprocess, bench_rpc, report
+from benchmarks import (
+    bench_coldstart,
+    bench_durable,
+    bench_http,
+    bench_inprocess,
+    bench_rpc,
+    report,
+)
 from benchmarks.common import LOAD_CPU, Options, SectionResult
 
 RUNNERS: dict[str, Callable[[Options], SectionResult]] = {
-    m.NAME: m.run for m in (bench_inprocess, bench_rpc, bench_http, bench_coldstart)
+    m.NAME: m.run for m in (bench_inprocess, bench_rpc, bench_durable, bench_http, bench_coldstart)
 }
 MIN_RUNS = 3
 
