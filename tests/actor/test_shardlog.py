@@ -60,6 +60,16 @@ class LogCut:
         os.fdatasync(fd)
         self.durable[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
 
+    # After the cut nothing reaches the disk: not even the deletion of a segment that
+    # the shutdown (still running in the test, unlike after a real power cut) trims.
+    def unlink(self, path: str) -> None:
+        if not self.is_cut:
+            os.unlink(path)
+
+    def replace(self, src: str, dst: str) -> None:
+        if not self.is_cut:
+            os.replace(src, dst)
+
     def restore(self, log_dir: Path) -> None:
         for segment in log_dir.glob("*.log"):
             with open(segment, "r+b") as f:
