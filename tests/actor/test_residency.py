@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +25,15 @@ from shardlite.actor import (
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll a condition that background threads make true (bounded, no fixed sleeps)."""
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
+    """Poll a condition that background threads make true (bounded, no fixed sleeps).
+
+    Bounded in wall-clock time: under an autojump clock, virtual time flies past any
+    bound while a worker thread is still busy on a loaded machine.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "the condition did not come true in time"
+        await trio.sleep(0.005)
 
 
 @pytest.fixture
