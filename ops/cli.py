@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -11,7 +12,18 @@ import click
 import msgspec
 import trio
 
-from shardlite.shards import SETTINGS, ServerInfo, run_server, settings_from, settings_markdown
+from shardlite.router import DirectoryUnavailable
+from shardlite.shards import (
+    SETTINGS,
+    HostInfo,
+    ServerInfo,
+    default_procs,
+    run_server,
+    run_supervisor,
+    settings_from,
+    settings_markdown,
+)
+from shardlite.shards._settings import DEFAULT_DATA_DIR
 
 from ._output import print_result
 
@@ -52,35 +64,52 @@ def serve(**values: Any) -> None:
         stream=sys.stderr,
     )
 
+    procs = settings.procs or default_procs()
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            info: ServerInfo = await nursery.start(run_server, settings)
+            if procs == 1:
+                info: ServerInfo = await nursery.start(run_server, settings)
+                where = f"{info.http_url} and {info.rpc_url}"
+                detail = f"up to {info.max_open_actors} open actors"
+            else:
+                host: HostInfo = await nursery.start(
+                    functools.partial(run_supervisor, settings, procs=procs)
+                )
+                info = host.nodes[0]
+                where = f"{host.http_url} and {host.rpc_url}"
+                detail = f"{procs} shard processes, up to {info.max_open_actors} open actors each"
             click.echo(
-                f"shardlite serving {info.http_url} and {info.rpc_url} "
-                f"(data {info.data}, durability {info.durability}, "
-                f"up to {info.max_open_actors} open actors); Ctrl-C to stop",
+                f"shardlite serving {where} (data {info.data}, durability {info.durability}, "
+                f"{detail}); Ctrl-C to stop",
             )
             sys.stdout.flush()
 
     try:
         trio.run(run)
-    except (OSError, BaseExceptionGroup) as exc:
-        reason = _os_error(exc)
+    except (OSError, ValueError, RuntimeError, DirectoryUnavailable, BaseExceptionGroup) as exc:
+        reason = _startup_error(exc)
         if reason is None:
             raise
         raise click.ClickException(f"cannot serve: {reason}") from None
     click.echo("shardlite stopped")
 
 
-def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError (port in use, data directory locked, ...) behind a startup failure."""
-    if isinstance(exc, OSError):
-        return exc
+STARTUP_ERRORS = (OSError, ValueError, RuntimeError, DirectoryUnavailable)
+"""Port in use, data directory locked, a bad directory URL, etcd unreachable, a shard
+process that would not start: one line, no traceback."""
+
+
+def _startup_error(exc: BaseException) -> BaseException | None:
+    """The reason behind a startup failure, out of the exception groups around it."""
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _os_error(inner)
+            found = _startup_error(inner)
             if found is not None:
                 return found
+        return None
+    if isinstance(exc, STARTUP_ERRORS):
+        return exc
     return None
 
 
@@ -120,6 +149,40 @@ def _param(text: str) -> Any:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
         return text
+
+
+@main.group()
+def ops() -> None:
+    """Operate a cluster: status (more verbs: move, drain, backup, ... to come)."""
+
+
+@ops.command()
+@click.option(
+    "--data",
+    envvar="SHARDLITE_DATA",
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="Data directory of this host (where the embedded directory lives).",
+)
+@click.option(
+    "--directory",
+    envvar="SHARDLITE_DIRECTORY",
+    default="",
+    help="Directory URL (sqlite:PATH or etcd://HOST:PORT); default: the one under --data.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(data: str, directory: str, as_json: bool) -> None:
+    """Hosts, shard processes, shards with slot ranges, epochs, actor files and sizes."""
+    from ._status import gather_status, print_status
+
+    try:
+        report = trio.run(gather_status, directory, data)
+    except (LookupError, ValueError, DirectoryUnavailable) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(msgspec.json.encode(report).decode())
+    else:
+        print_status(report)
 
 
 @main.command()

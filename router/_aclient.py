@@ -17,15 +17,18 @@ import httpx
 import msgspec
 
 from shardlite.actor import (
+    BadRequest,
     Batch,
     KvDelete,
     KvGet,
     KvList,
     KvPut,
     KvValue,
+    Moved,
     NotFound,
     SqlResult,
     Statement,
+    WrongShard,
     error_from_dict,
 )
 
@@ -133,12 +136,18 @@ class AsyncRpcTransport:
         ) as exc:
             conn.fail_all(exc)
 
-    async def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
+    async def request(
+        self,
+        key: str,
+        op: wire.WireOp,
+        idempotency_key: str | None = None,
+        epoch: int | None = None,
+    ) -> Any:
         conn = await self._connection()
         req_id = next(self._ids)
         pending = _Pending()
         conn.pending[req_id] = pending
-        frame = wire.request_frame(req_id, key, op, idempotency_key)
+        frame = wire.request_frame(req_id, key, op, idempotency_key, epoch)
         try:
             sending = sent = False
             try:
@@ -171,6 +180,75 @@ class AsyncRpcTransport:
         self._closed = True
         if self._conn is not None:
             await self._conn.stream.aclose()
+
+
+class AsyncRoutingTransport:
+    """RPC straight to the process that owns each key (see ``proto.RouteTable``)."""
+
+    def __init__(self, target: proto.Target, timeout: float, routing: bool = True) -> None:
+        self._timeout = timeout
+        self._seed = AsyncRpcTransport(target, timeout)
+        self._peers: dict[str, AsyncRpcTransport] = {}
+        self._routes = proto.RouteTable(routing)
+        self._refresh_lock = anyio.Lock()
+        self._peer_lock = anyio.Lock()
+        self._seed_address = f"{target.host}:{target.port}"
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def start(self, tg: anyio.abc.TaskGroup) -> None:
+        self._tg = tg
+        await self._seed.start(tg)
+
+    async def _refresh(self) -> None:
+        async with self._refresh_lock:
+            if not self._routes.stale:
+                return  # another task refreshed it meanwhile
+            try:
+                self._routes.update(await self._seed.request("", wire.GetPlacement()))
+            except BadRequest:
+                self._routes.disable()
+
+    async def _transport(self, address: str | None) -> AsyncRpcTransport:
+        if address is None or address == self._seed_address:
+            return self._seed
+        peer = self._peers.get(address)
+        if peer is None:
+            async with self._peer_lock:  # one connection per owner, however many tasks ask
+                peer = self._peers.get(address)
+                if peer is None:
+                    peer = AsyncRpcTransport(proto.split_address(address), self._timeout)
+                    assert self._tg is not None
+                    await peer.start(self._tg)  # connects: raises if the owner is unreachable
+                    self._peers[address] = peer
+        return peer
+
+    async def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
+        for attempt in range(proto.MAX_ROUTE_ATTEMPTS):
+            last = attempt == proto.MAX_ROUTE_ATTEMPTS - 1
+            if self._routes.stale:
+                if attempt:
+                    await anyio.sleep(proto.route_backoff(attempt))
+                await self._refresh()
+            address, epoch = self._routes.lookup(key, op)
+            try:
+                transport = await self._transport(address)
+            except (OSError, TimeoutError):
+                if last:
+                    raise
+                self._routes.stale = True
+                continue
+            try:
+                return await transport.request(key, op, idempotency_key, epoch)
+            except (WrongShard, Moved):
+                if last:
+                    raise
+                self._routes.stale = True
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self._seed.aclose()
+        for peer in self._peers.values():
+            await peer.aclose()
 
 
 class AsyncHttpTransport:
@@ -264,11 +342,13 @@ class AsyncActor:
 class AsyncClient:
     """Use as ``async with connect_async(url) as client``."""
 
-    def __init__(self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S, *, routing: bool = True
+    ) -> None:
         self.target = proto.parse_url(url)
-        self._transport: AsyncRpcTransport | AsyncHttpTransport
+        self._transport: AsyncRoutingTransport | AsyncHttpTransport
         if self.target.scheme == "rpc":
-            self._transport = AsyncRpcTransport(self.target, timeout)
+            self._transport = AsyncRoutingTransport(self.target, timeout, routing)
         else:
             self._transport = AsyncHttpTransport(self.target, timeout)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -295,7 +375,11 @@ class AsyncClient:
 
 
 def connect_async(
-    url: str = "rpc://127.0.0.1:7070", *, timeout: float = proto.DEFAULT_TIMEOUT_S
+    url: str = "rpc://127.0.0.1:7070",
+    *,
+    timeout: float = proto.DEFAULT_TIMEOUT_S,
+    routing: bool = True,
 ) -> AsyncClient:
-    """An async client for trio or asyncio; enter it with ``async with``."""
-    return AsyncClient(url, timeout)
+    """An async client for trio or asyncio; enter it with ``async with``. Over RPC it
+    sends each request straight to the key's owner (``routing=False``: all to ``url``)."""
+    return AsyncClient(url, timeout, routing=routing)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,15 +13,18 @@ import httpx
 import msgspec
 
 from shardlite.actor import (
+    BadRequest,
     Batch,
     KvDelete,
     KvGet,
     KvList,
     KvPut,
     KvValue,
+    Moved,
     NotFound,
     SqlResult,
     Statement,
+    WrongShard,
 )
 
 from . import _protocol as proto
@@ -46,10 +50,16 @@ class RpcTransport:
         self._frames = []
         return sock
 
-    def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
+    def request(
+        self,
+        key: str,
+        op: wire.WireOp,
+        idempotency_key: str | None = None,
+        epoch: int | None = None,
+    ) -> Any:
         with self._lock:
             req_id = next(self._ids)
-            data = wire.request_frame(req_id, key, op, idempotency_key)
+            data = wire.request_frame(req_id, key, op, idempotency_key, epoch)
             if self._sock is None:
                 self._sock = self._connect()
             try:
@@ -94,6 +104,61 @@ class RpcTransport:
     def close(self) -> None:
         with self._lock:
             self._drop()
+
+
+class RoutingTransport:
+    """RPC straight to the process that owns each key (see ``proto.RouteTable``)."""
+
+    def __init__(self, target: proto.Target, timeout: float, routing: bool = True) -> None:
+        self._timeout = timeout
+        self._seed = RpcTransport(target, timeout)
+        self._peers: dict[str, RpcTransport] = {}
+        self._routes = proto.RouteTable(routing)
+        self._lock = threading.Lock()
+        self._seed_address = f"{target.host}:{target.port}"
+
+    def _refresh(self) -> None:
+        try:
+            self._routes.update(self._seed.request("", wire.GetPlacement()))
+        except BadRequest:
+            self._routes.disable()  # a server without placement: talk to it alone
+
+    def _transport(self, address: str | None) -> RpcTransport:
+        if address is None or address == self._seed_address:
+            return self._seed
+        with self._lock:
+            peer = self._peers.get(address)
+            if peer is None:
+                peer = self._peers[address] = RpcTransport(
+                    proto.split_address(address), self._timeout
+                )
+            return peer
+
+    def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
+        for attempt in range(proto.MAX_ROUTE_ATTEMPTS):
+            last = attempt == proto.MAX_ROUTE_ATTEMPTS - 1
+            if self._routes.stale:
+                if attempt:
+                    time.sleep(proto.route_backoff(attempt))
+                self._refresh()
+            address, epoch = self._routes.lookup(key, op)
+            transport = self._transport(address)
+            try:
+                return transport.request(key, op, idempotency_key, epoch)
+            except (WrongShard, Moved):
+                if last:
+                    raise
+                self._routes.stale = True
+            except OSError:  # the owner cannot be reached (nothing was sent): re-route
+                if last or transport is self._seed:
+                    raise
+                self._routes.stale = True
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._seed.close()
+        for peer in self._peers.values():
+            peer.close()
 
 
 class HttpTransport:
@@ -197,13 +262,20 @@ class Actor:
 
 
 class Client:
-    """A connection to a shardlite server. Use as a context manager, or call close()."""
+    """A connection to a shardlite server. Use as a context manager, or call close().
 
-    def __init__(self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S) -> None:
+    Over RPC the client learns the cluster's placement and sends each request straight
+    to the process that owns the key (``routing=False``: everything to ``url``, which
+    forwards).
+    """
+
+    def __init__(
+        self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S, *, routing: bool = True
+    ) -> None:
         self.target = proto.parse_url(url)
-        self._transport: RpcTransport | HttpTransport
+        self._transport: RoutingTransport | HttpTransport
         if self.target.scheme == "rpc":
-            self._transport = RpcTransport(self.target, timeout)
+            self._transport = RoutingTransport(self.target, timeout, routing)
         else:
             self._transport = HttpTransport(self.target, timeout)
 
@@ -221,7 +293,10 @@ class Client:
 
 
 def connect(
-    url: str = "rpc://127.0.0.1:7070", *, timeout: float = proto.DEFAULT_TIMEOUT_S
+    url: str = "rpc://127.0.0.1:7070",
+    *,
+    timeout: float = proto.DEFAULT_TIMEOUT_S,
+    routing: bool = True,
 ) -> Client:
     """Connect to a shardlite server over RPC (``rpc://``) or HTTP (``http://``)."""
-    return Client(url, timeout)
+    return Client(url, timeout, routing=routing)

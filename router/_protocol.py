@@ -35,6 +35,19 @@ from shardlite.actor import (
 )
 
 from . import _wire as wire
+from ._placement import Placement, PlacementMap
+
+MAX_ROUTE_ATTEMPTS = 6
+"""Tries of one request across placement refreshes (``wrong_shard``, ``moved``, an owner
+that cannot be reached) before the error is the caller's."""
+ROUTE_BACKOFF_FIRST_S = 0.05
+ROUTE_BACKOFF_MAX_S = 1.0
+
+
+def route_backoff(attempt: int) -> float:
+    """Pause before re-routing try ``attempt`` (1, 2, ...): the directory needs a moment."""
+    return float(min(ROUTE_BACKOFF_FIRST_S * (1 << (attempt - 1)), ROUTE_BACKOFF_MAX_S))
+
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RPC_PORT = 7070
@@ -62,6 +75,47 @@ def parse_url(url: str) -> Target:
         raise ValueError(f"{url!r}: expected rpc://HOST:PORT or http://HOST:PORT")
     default = DEFAULT_RPC_PORT if parts.scheme == "rpc" else DEFAULT_HTTP_PORT
     return Target(parts.scheme, parts.hostname, parts.port or default)
+
+
+class RouteTable:
+    """A routing client's cached placement: which process to send each key to.
+
+    ``lookup`` gives the owner's direct address and the shard's epoch (sent with the
+    request, so that a stale route is refused with ``wrong_shard`` rather than served by
+    the wrong process). Until a placement is known, or when the server does not publish
+    one (routing off), every request goes to the seed address without an epoch.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.placement: Placement | None = None
+        self.stale = enabled
+
+    def update(self, m: PlacementMap) -> None:
+        self.placement = Placement.from_map(m)
+        self.stale = False
+
+    def disable(self) -> None:
+        self.enabled = self.stale = False
+        self.placement = None
+
+    def lookup(self, key: str, op: wire.WireOp) -> tuple[str | None, int | None]:
+        placement = self.placement
+        if placement is None or isinstance(op, (wire.GetPlacement, wire.GetStatus, wire.Ping)):
+            return None, None
+        try:
+            shard = placement.shard_for(key)
+        except LookupError:
+            return None, None
+        node = placement.nodes.get(shard.owner)
+        if node is None or not node.rpc:
+            return None, None  # no live owner known: let the seed forward (or say why)
+        return node.rpc, shard.epoch
+
+
+def split_address(address: str) -> Target:
+    host, _, port = address.rpartition(":")
+    return Target("rpc", host.strip("[]"), int(port))
 
 
 def statements_of(items: Iterable[Any]) -> list[Statement]:

@@ -29,6 +29,8 @@ from shardlite.actor import (
     SqlResult,
 )
 
+from ._placement import PlacementMap
+
 HEADER_BYTES = 4
 DEFAULT_MAX_FRAME_BYTES = 8 << 20
 STATUS_OK = 0
@@ -53,7 +55,41 @@ class Pong(msgspec.Struct, array_like=True):
     server: str
 
 
-WireOp: TypeAlias = Sql | Batch | KvGet | KvPut | KvDelete | KvList | Delete | Export | Ping
+class GetPlacement(msgspec.Struct, tag="placement", array_like=True, frozen=True):
+    """The placement map the server holds (key is ignored): for routing clients."""
+
+
+class GetStatus(msgspec.Struct, tag="status", array_like=True, frozen=True):
+    """This shard process's status (key is ignored): for ``shardlite ops status``."""
+
+
+class ShardStatus(msgspec.Struct):
+    epoch: int
+    files: int
+    bytes: int
+
+
+class NodeStatus(msgspec.Struct):
+    node: str
+    pid: int
+    uptime_s: float
+    actors_open: int
+    shards: dict[str, ShardStatus]
+
+
+WireOp: TypeAlias = (
+    Sql
+    | Batch
+    | KvGet
+    | KvPut
+    | KvDelete
+    | KvList
+    | Delete
+    | Export
+    | Ping
+    | GetPlacement
+    | GetStatus
+)
 
 
 RequestId: TypeAlias = Annotated[int, msgspec.Meta(ge=1)]
@@ -66,6 +102,8 @@ class Request(msgspec.Struct, array_like=True, frozen=True):
     key: str
     op: WireOp
     idempotency_key: str | None = None
+    epoch: int | None = None
+    """The epoch of the key's shard the sender saw (routing clients and forwarders)."""
 
 
 class Response(msgspec.Struct, array_like=True):
@@ -84,6 +122,8 @@ RESULT_TYPES: dict[type, type] = {
     Delete: Deleted,
     Export: ExportResult,
     Ping: Pong,
+    GetPlacement: PlacementMap,
+    GetStatus: NodeStatus,
 }
 
 
@@ -110,10 +150,23 @@ def error_frame(req_id: int, error: Error) -> bytes:
     return frame(encode((req_id, STATUS_ERROR, error.to_dict())))
 
 
-def request_frame(req_id: int, key: str, op: WireOp, idempotency_key: str | None = None) -> bytes:
+def request_frame(
+    req_id: int,
+    key: str,
+    op: WireOp,
+    idempotency_key: str | None = None,
+    epoch: int | None = None,
+) -> bytes:
+    if epoch is not None:
+        return frame(encode((req_id, key, op, idempotency_key, epoch)))
     if idempotency_key is None:
         return frame(encode((req_id, key, op)))
     return frame(encode((req_id, key, op, idempotency_key)))
+
+
+def raw_frame(req_id: int, status: int, body: bytes) -> bytes:
+    """A response whose body is already msgpack (a forwarded reply)."""
+    return frame(encode((req_id, status, msgspec.Raw(body))))
 
 
 def guess_id(payload: bytes | memoryview) -> int:

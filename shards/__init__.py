@@ -2,18 +2,23 @@
 
 from ._http import create_app
 from ._metrics import Metrics
+from ._routing import shard_dir
 from ._rpc import serve_rpc
-from ._server import ServerInfo, run_server, shard_dir
+from ._server import ServerInfo, run_server
 from ._settings import SETTINGS, Setting, Settings, settings_from, settings_markdown
+from ._supervisor import HostInfo, default_procs, run_supervisor
 
 __all__ = [
     "SETTINGS",
+    "HostInfo",
     "Metrics",
     "ServerInfo",
     "Setting",
     "Settings",
     "create_app",
+    "default_procs",
     "run_server",
+    "run_supervisor",
     "serve_rpc",
     "settings_from",
     "settings_markdown",

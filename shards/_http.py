@@ -38,14 +38,17 @@ from shardlite.actor import (
     TooLarge,
     validate_key,
 )
+from shardlite.router import ForwardWaiter, wire
 
 from . import _codec as codec
 from ._metrics import Metrics
+from ._routing import Node
 from ._settings import Settings
 
 log = logging.getLogger("shardlite.http")
 
 EXPORT_CHUNK_BYTES = 1 << 20
+EPOCH_HEADER = "Shardlite-Epoch"
 
 
 class RequestTimeout(Error):
@@ -78,8 +81,8 @@ def _error_response(error: Error) -> Response:
     return _respond(codec.error_body(error), error.status, headers)
 
 
-def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTrio:
-    """The quart-trio app serving ``pool``."""
+def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics) -> QuartTrio:
+    """The quart-trio app serving ``pool``; keys other processes own are forwarded."""
     app = QuartTrio("shardlite")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.config["BODY_TIMEOUT"] = settings.body_timeout
@@ -100,6 +103,25 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
 
     def key_of(key: str) -> str:
         return validate_key(key)
+
+    async def dispatch(key: str, op: Any, idempotency_key: str | None = None) -> Any:
+        """Run ``op`` here, or on the process that owns ``key`` (one hop)."""
+        where = node.route(key, _epoch_header())
+        if where is None:
+            return await pool.call(key, op, idempotency_key=idempotency_key)
+        if isinstance(where, Error):
+            raise where
+        waiter = ForwardWaiter()
+        node.forwarder.forward(
+            node.forward_address(where),
+            key,
+            op,
+            waiter,
+            None,
+            idempotency_key=idempotency_key,
+            epoch=where.epoch,
+        )
+        return await waiter.wait(op)
 
     @app.before_request
     async def _start_timer() -> None:
@@ -138,13 +160,13 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
     async def sql(key: str) -> Response:
         stmt = codec.decode_sql(await body(), codec.is_msgpack(request.content_type))
         op = Sql(stmt.sql, stmt.params)
-        result = await pool.call(key_of(key), op, idempotency_key=idempotency_key())
+        result = await dispatch(key_of(key), op, idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/batch", methods=["POST"])
     async def batch(key: str) -> Response:
         stmts = codec.decode_batch(await body(), codec.is_msgpack(request.content_type))
-        result = await pool.call(key_of(key), Batch(stmts), idempotency_key=idempotency_key())
+        result = await dispatch(key_of(key), Batch(stmts), idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/kv", methods=["GET"])
@@ -155,23 +177,23 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
         except ValueError:
             raise BadRequest(f"limit must be an integer, got {args.get('limit')!r}") from None
         op = KvList(args.get("prefix", ""), limit, args.get("after"))
-        result = await pool.call(key_of(key), op)
+        result = await dispatch(key_of(key), op)
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/kv/<path:name>", methods=["GET"])
     async def kv_get(key: str, name: str) -> Response:
-        result = await pool.call(key_of(key), KvGet(name))
+        result = await dispatch(key_of(key), KvGet(name))
         return _respond(result.value if _wants_msgpack() else codec.blobs_out(result.value))
 
     @app.route("/v1/actors/<key>/kv/<path:name>", methods=["PUT"])
     async def kv_put(key: str, name: str) -> Response:
         value = codec.decode_value(await body(), codec.is_msgpack(request.content_type))
-        result = await pool.call(key_of(key), KvPut(name, value), idempotency_key=idempotency_key())
+        result = await dispatch(key_of(key), KvPut(name, value), idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/kv/<path:name>", methods=["DELETE"])
     async def kv_delete(key: str, name: str) -> Response:
-        result = await pool.call(key_of(key), KvDelete(name), idempotency_key=idempotency_key())
+        result = await dispatch(key_of(key), KvDelete(name), idempotency_key=idempotency_key())
         return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/call/<method>", methods=["POST"])
@@ -184,7 +206,16 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
 
     @app.route("/v1/actors/<key>/export", methods=["GET"])
     async def export(key: str) -> Response:
-        path = await pool.export(key_of(key))
+        key = key_of(key)
+        if node.route(key, _epoch_header()) is not None:  # elsewhere: its bytes come back
+            exported = await dispatch(key, wire.Export())
+            return Response(
+                exported.data,
+                200,
+                {"Content-Disposition": f'attachment; filename="{_download_name(key)}"'},
+                content_type="application/vnd.sqlite3",
+            )
+        path = await pool.export(key)
         headers = {
             "Content-Disposition": f'attachment; filename="{_download_name(key)}"',
             "Content-Length": str((await trio.Path(path).stat()).st_size),
@@ -195,7 +226,11 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
 
     @app.route("/v1/actors/<key>", methods=["DELETE"])
     async def delete(key: str) -> Response:
-        deleted = await pool.delete(key_of(key))
+        key = key_of(key)
+        if node.route(key, _epoch_header()) is not None:
+            result = await dispatch(key, wire.Delete())
+            return _respond({"deleted": result.deleted})
+        deleted = await pool.delete(key)
         return _respond({"deleted": deleted})
 
     @app.route("/livez", methods=["GET"])
@@ -208,17 +243,33 @@ def create_app(pool: ActorPool, settings: Settings, metrics: Metrics) -> QuartTr
             "accepting": not pool.closing,
             "data_dir_writable": os.access(data_dir, os.W_OK),
             "sqlite": _sqlite_ok(),
+            "directory": node.not_ready is None,
+            "lease": node.lease.valid,
         }
         ok = all(checks.values())
-        return _respond(
-            {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
-        )
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+        if node.not_ready:
+            body["reason"] = node.not_ready
+        body["node"] = node.id
+        body["shards"] = sorted(node.served)
+        return _respond(body, 200 if ok else 503)
 
     @app.route("/metrics", methods=["GET"])
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), 200, content_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _epoch_header() -> int | None:
+    """``Shardlite-Epoch``: the shard epoch a routing sender saw (absent: none)."""
+    text = request.headers.get(EPOCH_HEADER)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise BadRequest(f"{EPOCH_HEADER}: {text!r} is not an integer") from None
 
 
 def _http_error(exc: HTTPException) -> Error:

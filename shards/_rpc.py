@@ -23,12 +23,12 @@ from shardlite.actor import (
     BadRequest,
     Call,
     Error,
-    Result,
     TooLarge,
 )
-from shardlite.router import wire
+from shardlite.router import Forwarded, wire
 
 from ._metrics import Metrics
+from ._routing import Node
 
 log = logging.getLogger("shardlite.rpc")
 
@@ -48,13 +48,16 @@ class RpcConnection:
     def __init__(
         self,
         stream: trio.abc.Stream,
+        *,
         pool: ActorPool,
+        node: Node,
         metrics: Metrics,
         max_frame_bytes: int,
         nursery: trio.Nursery,
     ) -> None:
         self.stream = stream
         self.pool = pool
+        self.node = node
         self.metrics = metrics
         self.reader = wire.FrameReader(max_frame_bytes)
         self.outbox: list[bytes] = []  # response frames waiting for the writer
@@ -67,10 +70,13 @@ class RpcConnection:
         self.closed = False
 
     # the Sink protocol
-    def deliver(self, tag: Any, result: Result | Error) -> None:
+    def deliver(self, tag: Any, result: Any) -> None:
+        """A Result, an Error, a Forwarded reply, or a server-level answer (Pong, ...)."""
         # measured: encode + join beats encode_into a growing bytearray (0.30 vs 0.57 µs)
         if isinstance(result, Error):
             frame = wire.error_frame(tag, result)
+        elif type(result) is Forwarded:
+            frame = wire.raw_frame(tag, result.status, result.body)
         else:
             frame = wire.ok_frame(tag, result)
         self.outbox.append(frame)
@@ -131,9 +137,14 @@ class RpcConnection:
                 self._wake.set()
                 await self._drained.wait()
 
+    async def _status(self, req_id: int) -> None:
+        status = await self.node.status(self.pool.statistics()["actors_open"])
+        self.deliver(req_id, status)
+
     def _dispatch(self, frames: list[memoryview]) -> None:
         groups: dict[str, list[Call]] = {}
         decode = wire.request_decoder.decode
+        route = self.node.route
         for payload in frames:
             try:
                 req = decode(payload)
@@ -146,6 +157,29 @@ class RpcConnection:
             kind = type(op)
             if kind is wire.Ping:
                 self._reply_now(req.id, wire.Pong(SERVER_NAME))
+                continue
+            if kind is wire.GetPlacement:
+                self._reply_now(req.id, self.node.placement.to_map())
+                continue
+            if kind is wire.GetStatus:
+                self.inflight += 1
+                self._nursery.start_soon(self._status, req.id)
+                continue
+            where = route(req.key, req.epoch)
+            if where is not None:
+                if isinstance(where, Error):
+                    self._reply_now(req.id, where)
+                else:
+                    self.inflight += 1
+                    self.node.forwarder.forward(
+                        self.node.forward_address(where),
+                        req.key,
+                        op,
+                        self,
+                        req.id,
+                        idempotency_key=req.idempotency_key,
+                        epoch=where.epoch,
+                    )
                 continue
             if kind is wire.Delete:  # in frame order with the calls around it
                 op = self.pool.delete_call()
@@ -177,26 +211,37 @@ def _why(exc: BaseException) -> str:
 
 async def serve_rpc(
     pool: ActorPool,
+    node: Node,
     metrics: Metrics,
-    host: str,
-    port: int,
+    where: tuple[str, int] | list[trio.SocketListener],
     *,
     max_frame_bytes: int = wire.DEFAULT_MAX_FRAME_BYTES,
     stopping: trio.Event,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve RPC on ``host:port`` until ``stopping`` is set, then finish in-flight calls.
+    """Serve RPC on ``where`` (HOST, PORT, or listeners) until ``stopping`` is set, then
+    finish in-flight calls.
 
     ``task_status.started`` gets the bound addresses (port 0 picks a free port).
     """
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    if isinstance(where, tuple):
+        listeners = await trio.open_tcp_listeners(where[1], host=where[0])
+    else:
+        listeners = where
     read_scopes: set[trio.CancelScope] = set()
 
     async def handle(stream: trio.SocketStream) -> None:
         metrics.rpc_connections.inc()
         try:
             async with trio.open_nursery() as nursery:
-                conn = RpcConnection(stream, pool, metrics, max_frame_bytes, nursery)
+                conn = RpcConnection(
+                    stream,
+                    pool=pool,
+                    node=node,
+                    metrics=metrics,
+                    max_frame_bytes=max_frame_bytes,
+                    nursery=nursery,
+                )
                 nursery.start_soon(conn.run_writer)
                 with trio.CancelScope() as scope:
                     read_scopes.add(scope)

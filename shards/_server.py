@@ -15,6 +15,9 @@ import logging
 import os
 import resource
 import signal
+import socket as stdlib_socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -23,15 +26,26 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from shardlite.actor import open_actor_pool
+from shardlite.router import (
+    Directory,
+    Forwarder,
+    HostRecord,
+    Lease,
+    NodeRecord,
+    Placement,
+    open_directory,
+    open_lease,
+)
 
+from ._cluster import ensure_cluster, node_id, resolve_host_id
 from ._http import create_app
 from ._metrics import Metrics
+from ._routing import Node
 from ._rpc import serve_rpc
 from ._settings import Settings
 
 log = logging.getLogger("shardlite.server")
 
-DEFAULT_SHARD = "shard-00"
 FDS_PER_ACTOR = {"os": 2, "log": 2, "fsync": 3}
 """The database and its WAL (no -shm: locking_mode=EXCLUSIVE), plus the flusher's own
 descriptor of the WAL with durability=fsync."""
@@ -45,6 +59,8 @@ class ServerInfo(msgspec.Struct, frozen=True):
     data: str
     durability: str
     max_open_actors: int
+    node: str = ""
+    shards: list[str] = []
 
 
 def raise_fd_limit() -> int:
@@ -75,83 +91,228 @@ def lock_data_dir(data: str) -> int:
     return fd
 
 
-def shard_dir(data: str, shard: str = DEFAULT_SHARD) -> str:
-    return os.path.join(os.path.abspath(data), "shards", shard)
+class NodeSpec(msgspec.Struct, frozen=True):
+    """How a supervisor starts one of its shard processes (see _supervisor.py)."""
+
+    index: int
+    procs: int
+    http_fd: int
+    rpc_fd: int
+    since: float
+    """When the supervisor started: a peer registered before that is a previous one."""
 
 
 async def run_server(
     settings: Settings,
     *,
+    node_spec: NodeSpec | None = None,
     handle_signals: bool = True,
     stopping: trio.Event | None = None,
     task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stopping`` is set); ``task_status`` gets ServerInfo."""
+    """Serve until SIGTERM/SIGINT (or ``stopping`` is set); ``task_status`` gets ServerInfo.
+
+    Alone (``node_spec`` None) this process is the host's only shard process: it locks
+    the data directory, creates or finds the cluster and owns every shard of this host.
+    Under a supervisor it serves the shards the directory gives its node, on the
+    listening sockets it inherited, plus an RPC listener of its own for direct routing.
+    """
     stopping = stopping if stopping is not None else trio.Event()
     data = os.path.abspath(settings.data)  # noqa: ASYNC240 (no I/O: a string operation)
-    directory = shard_dir(data)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    lock = lock_data_dir(data)
-    fd_cap = max(16, (raise_fd_limit() - FDS_RESERVED) // FDS_PER_ACTOR[settings.durability])
-    max_open = min(settings.max_open_actors, fd_cap)
-    if max_open < settings.max_open_actors:
-        log.warning("max_open_actors lowered to %d by the file-descriptor limit", max_open)
-    config = settings.actor_config(max_open_actors=max_open)
-    metrics = Metrics()
+    os.makedirs(os.path.join(data, "shards"), mode=0o700, exist_ok=True)
+    lock = lock_data_dir(data) if node_spec is None else -1
+    try:
+        host_id = resolve_host_id(data, settings.host_id)
+        fd_cap = max(16, (raise_fd_limit() - FDS_RESERVED) // FDS_PER_ACTOR[settings.durability])
+        max_open = min(settings.max_open_actors, fd_cap)
+        if max_open < settings.max_open_actors:
+            log.warning("max_open_actors lowered to %d by the file-descriptor limit", max_open)
+        config = settings.actor_config(max_open_actors=max_open)
+        metrics = Metrics()
+        index = node_spec.index if node_spec else 0
+        async with open_directory(settings.directory, data) as directory:
+            if node_spec is None:
+                placement = await ensure_cluster(
+                    directory, data, host_id, procs=1, shards=settings.shards, slots=settings.slots
+                )
+            else:
+                loaded = await directory.load()
+                if loaded is None:
+                    raise RuntimeError(f"the directory {directory.url} has no cluster")
+                placement = loaded
+            lease = await open_lease(directory)
+            await _serve(
+                settings=settings,
+                config=config,
+                metrics=metrics,
+                directory=directory,
+                placement=placement,
+                lease=lease,
+                host_id=host_id,
+                index=index,
+                node_spec=node_spec,
+                handle_signals=handle_signals,
+                stopping=stopping,
+                task_status=task_status,
+            )
+    finally:
+        if lock >= 0:
+            os.close(lock)
 
+
+async def _serve(
+    *,
+    settings: Settings,
+    config: Any,
+    metrics: Metrics,
+    directory: Directory,
+    placement: Placement,
+    lease: Lease,
+    host_id: str,
+    index: int,
+    node_spec: NodeSpec | None,
+    handle_signals: bool,
+    stopping: trio.Event,
+    task_status: Any,
+) -> None:
+    data = os.path.abspath(settings.data)  # noqa: ASYNC240 (no I/O: a string operation)
+    holder: list[Node] = []
     async with trio.open_nursery() as outer:
         if handle_signals:
             outer.start_soon(_stop_on_signal, stopping)
-        async with open_actor_pool(config, lambda key: directory, shards=[directory]) as pool:
+        await outer.start(lease.run)
+        async with open_actor_pool(config, _locate_by(holder)) as pool:
             metrics.watch_pool(pool)
-            app = create_app(pool, settings, metrics)
-            async with trio.open_nursery() as servers:
-                http_urls = await servers.start(
-                    functools.partial(
-                        hypercorn_serve,
-                        app,
-                        _hypercorn_config(settings),
-                        shutdown_trigger=stopping.wait,
+            async with trio.open_nursery() as background:
+                forwarder = Forwarder(background, settings.max_request_bytes)
+                async with trio.open_nursery() as servers:
+                    record = NodeRecord(
+                        node_id(host_id, index), host_id, "", "", os.getpid(), time.time()
                     )
-                )
-                rpc_addresses = await servers.start(
-                    functools.partial(
-                        serve_rpc,
-                        pool,
-                        metrics,
-                        settings.rpc[0],
-                        settings.rpc[1],
-                        max_frame_bytes=settings.max_request_bytes,
-                        stopping=stopping,
+                    node = Node(
+                        record=record,
+                        directory=directory,
+                        placement=placement,
+                        lease=lease,
+                        data=data,
+                        forwarder=forwarder,
+                        attach=pool.attach_shard,
                     )
-                )
-                host, port = rpc_addresses[0]
-                info = ServerInfo(
-                    http_url=http_urls[0],
-                    rpc_url=f"rpc://{_host_for_url(host)}:{port}",
-                    data=data,
-                    durability=settings.durability,
-                    max_open_actors=max_open,
-                )
-                # Everything allocated so far (modules, the app) lives as long as the
-                # process: keep it out of the cyclic collector's full passes, which
-                # otherwise stall the loop for tens of milliseconds under load.
-                gc.freeze()
-                task_status.started(info)
+                    holder.append(node)
+                    await node.adopt(placement)
+                    app = create_app(pool, node, settings, metrics)
+                    http_urls = await servers.start(
+                        functools.partial(
+                            hypercorn_serve,
+                            app,
+                            _hypercorn_config(settings, node_spec),
+                            shutdown_trigger=stopping.wait,
+                        )
+                    )
+                    listeners = _rpc_listeners(node_spec)
+                    rpc_addresses = await servers.start(
+                        functools.partial(
+                            serve_rpc,
+                            pool,
+                            node,
+                            metrics,
+                            settings.rpc if listeners is None else listeners,
+                            max_frame_bytes=settings.max_request_bytes,
+                            stopping=stopping,
+                        )
+                    )
+                    if node_spec is not None:  # a listener of its own, for direct routing
+                        own = await servers.start(
+                            functools.partial(
+                                serve_rpc,
+                                pool,
+                                node,
+                                metrics,
+                                (settings.rpc[0], 0),
+                                max_frame_bytes=settings.max_request_bytes,
+                                stopping=stopping,
+                            )
+                        )
+                        direct = own[0]
+                    else:
+                        direct = rpc_addresses[0]
+                    advertise = _advertised(settings, direct[0])
+                    node.record = record = NodeRecord(
+                        record.id,
+                        host_id,
+                        f"{_host_for_url(advertise)}:{direct[1]}",
+                        http_urls[0],
+                        os.getpid(),
+                        record.started,
+                    )
+                    await directory.put_node(record, lease.id)
+                    if node_spec is None or node_spec.index == 0:
+                        public_rpc = f"{_host_for_url(advertise)}:{rpc_addresses[0][1]}"
+                        await directory.put_host(
+                            HostRecord(host_id, public_rpc, http_urls[0]), lease.id
+                        )
+                    await background.start(node.run_watcher)
+                    if node_spec is not None:
+                        await node.wait_for_peers(node_spec.procs, node_spec.since)
+                    host, port = rpc_addresses[0]
+                    info = ServerInfo(
+                        http_url=http_urls[0],
+                        rpc_url=f"rpc://{_host_for_url(host)}:{port}",
+                        data=data,
+                        durability=settings.durability,
+                        max_open_actors=config.max_open_actors,
+                        node=record.id,
+                        shards=sorted(node.served),
+                    )
+                    # Everything allocated so far (modules, the app) lives as long as the
+                    # process: keep it out of the cyclic collector's full passes, which
+                    # otherwise stall the loop for tens of milliseconds under load.
+                    gc.freeze()
+                    task_status.started(info)
+                # the servers have finished their in-flight requests (forwarded ones
+                # too): now the watcher and the forwarding connections go
+                background.cancel_scope.cancel()
             log.info("servers stopped; draining actors")
         log.info("all actors closed")
+        with trio.CancelScope(shield=True):
+            await lease.revoke()
         outer.cancel_scope.cancel()
-    os.close(lock)
+
+
+def _locate_by(holder: list[Node]) -> Callable[[str], str]:
+    def locate(key: str) -> str:
+        return holder[0].locate(key)
+
+    return locate
+
+
+def _rpc_listeners(node_spec: NodeSpec | None) -> list[trio.SocketListener] | None:
+    if node_spec is None:
+        return None
+    sock = trio.socket.fromfd(node_spec.rpc_fd, stdlib_socket.AF_INET, stdlib_socket.SOCK_STREAM)
+    os.close(node_spec.rpc_fd)
+    return [trio.SocketListener(sock)]
+
+
+def _advertised(settings: Settings, listen_host: str) -> str:
+    if settings.advertise:
+        return settings.advertise
+    if listen_host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return listen_host
 
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _hypercorn_config(settings: Settings) -> HypercornConfig:
+def _hypercorn_config(settings: Settings, node_spec: NodeSpec | None) -> HypercornConfig:
     cfg = HypercornConfig()
     host, port = settings.http
-    cfg.bind = [f"{_host_for_url(host)}:{port}"]
+    if node_spec is not None:  # the supervisor's listening socket, shared by its processes
+        cfg.bind = [f"fd://{node_spec.http_fd}"]
+    else:
+        cfg.bind = [f"{_host_for_url(host)}:{port}"]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("shardlite.http")
     cfg.keep_alive_timeout = 5.0

@@ -17,6 +17,7 @@ import msgspec
 
 from shardlite.actor import ActorConfig, Durability
 from shardlite.actor import _config as defaults
+from shardlite.router import DEFAULT_SLOTS
 
 DEFAULT_DATA_DIR = "./shardlite-data"
 DEFAULT_HTTP = "127.0.0.1:8080"
@@ -50,6 +51,45 @@ SETTINGS: tuple[Setting, ...] = (
         "http", DEFAULT_HTTP, "addr", "HTTP listen address, HOST:PORT (port 0 picks a free one)."
     ),
     Setting("rpc", DEFAULT_RPC, "addr", "RPC listen address, HOST:PORT (port 0 picks a free one)."),
+    Setting(
+        "procs",
+        0,
+        "int",
+        "Shard processes on this host (0: one per core). They share the HTTP and RPC ports.",
+    ),
+    Setting(
+        "directory",
+        "",
+        "str",
+        "Where placement lives: sqlite:PATH (default: DATA/directory.db, one host) or "
+        "etcd://HOST:PORT[,HOST:PORT] (many hosts).",
+    ),
+    Setting(
+        "host_id",
+        "",
+        "str",
+        "This host's id in the directory (default: the id this data directory was first "
+        "served as, else the hostname).",
+    ),
+    Setting(
+        "advertise",
+        "",
+        "str",
+        "The address other hosts and routing clients reach this host at (default: the "
+        "listen address; 127.0.0.1 when that is a wildcard).",
+    ),
+    Setting(
+        "shards",
+        0,
+        "int",
+        "Shards of a new cluster (0: 4, or one per process if more); fixed at creation.",
+    ),
+    Setting(
+        "slots",
+        DEFAULT_SLOTS,
+        "int",
+        "Hash slots of a new cluster (keys map to slots, slots to shards); fixed at creation.",
+    ),
     Setting(
         "durability",
         Durability.LOG.value,
@@ -223,6 +263,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data: str = DEFAULT_DATA_DIR
     http: tuple[str, int] = parse_addr(DEFAULT_HTTP)
     rpc: tuple[str, int] = parse_addr(DEFAULT_RPC)
+    procs: int = 0
+    directory: str = ""
+    host_id: str = ""
+    advertise: str = ""
+    shards: int = 0
+    slots: int = DEFAULT_SLOTS
     durability: str = Durability.LOG.value
     statement_timeout: float = defaults.DEFAULT_STATEMENT_TIMEOUT_S
     mailbox_size: int = defaults.DEFAULT_MAILBOX_SIZE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -71,7 +72,12 @@ class ServerProcess:
         ]
         env = {**os.environ, **(self.env or {})}
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group: kill() takes its children too
         )
         ready = threading.Event()
 
@@ -101,9 +107,10 @@ class ServerProcess:
         return code
 
     def kill(self) -> None:
-        """SIGKILL: the crash path."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        """SIGKILL to the server and every shard process it started: the crash path."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self._reap()
 

@@ -59,15 +59,17 @@ class Load:
                 self.enough.set()
 
 
-@pytest.mark.parametrize("durability", ["log", "fsync", "os"])
+@pytest.mark.parametrize(
+    ("durability", "procs"), [("log", "1"), ("log", "2"), ("fsync", "2"), ("os", "2")]
+)
 def test_kill9_under_load_loses_no_acknowledged_write(
-    start_server: Any, tmp_path: Path, durability: str
+    start_server: Any, tmp_path: Path, durability: str, procs: str
 ) -> None:
     data = tmp_path / "data"
     ids = itertools.count(1)
     acked: set[tuple[str, int]] = set()
     for _ in range(ROUNDS):
-        server = start_server("--durability", durability, data=data)
+        server = start_server("--durability", durability, "--procs", procs, data=data)
         with shardlite.connect(server.rpc_url) as client:
             for key in KEYS:
                 client.actor(key).sql(SCHEMA)
@@ -75,13 +77,13 @@ def test_kill9_under_load_loses_no_acknowledged_write(
         thread = threading.Thread(target=trio.run, args=(load.run,))
         thread.start()
         assert load.enough.wait(120), "the load did not get going"
-        server.kill()  # SIGKILL mid-load
+        server.kill()  # SIGKILL mid-load, to every process of the server
         thread.join(60)
         assert not thread.is_alive()
         assert not load.errors, load.errors
         acked |= load.acked
 
-    server = start_server("--durability", durability, data=data)
+    server = start_server("--durability", durability, "--procs", procs, data=data)
     present: dict[tuple[str, int], set[str]] = {}
     with shardlite.connect(server.rpc_url) as client:
         for key in KEYS:

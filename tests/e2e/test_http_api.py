@@ -42,7 +42,12 @@ def mp_post(http: httpx.Client, path: str, body: Any) -> httpx.Response:
 
 
 def actor_file(server: Any, key: str) -> Path:
-    path: Path = server.data / "shards" / "shard-00" / key_to_relpath(key)
+    """Where the key's file lives: its shard's directory (one shard owns each key)."""
+    found = list(server.data.glob(f"shards/*/{key_to_relpath(key)}"))
+    assert len(found) <= 1, found
+    if found:
+        return found[0]
+    path: Path = server.data / "shards" / "(none)" / key_to_relpath(key)
     return path
 
 

@@ -1,0 +1,216 @@
+"""The directory: the cluster's placement, kept in a KvStore (``sqlite:`` or ``etcd://``).
+
+Keys, under ``/shardlite/``: ``cluster`` (slot count, fixed at creation), ``shards/<id>``
+(slot ranges, owner node, epoch), ``hosts/<id>`` (a host's public addresses) and
+``nodes/<id>`` (a running shard process and its own RPC address, bound to a lease: it
+vanishes when the process stops renewing it). Values are msgpack.
+
+Every change of a shard is a compare-and-swap on the shard's key at the revision it was
+read at, and raises its epoch by one: two writers racing for one shard cannot both win,
+and a server holding an older epoch learns it is stale (fencing, DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import trio
+
+from ._kv import Delete, DirectoryUnavailable, KvEntry, KvStore, Put, SqliteKv
+from ._placement import (
+    ClusterRecord,
+    HostRecord,
+    NodeRecord,
+    Placement,
+    ShardRecord,
+    shard_name,
+    split_slots,
+)
+
+PREFIX = "/shardlite/"
+CLUSTER_KEY = PREFIX + "cluster"
+SHARDS = PREFIX + "shards/"
+NODES = PREFIX + "nodes/"
+HOSTS = PREFIX + "hosts/"
+DEFAULT_FILE = "directory.db"
+DEFAULT_LEASE_TTL_S = 10.0
+MAX_SHARDS_AT_CREATION = 120
+"""The cluster is created in one transaction: etcd allows 128 operations per one."""
+
+_encode = msgspec.msgpack.encode
+
+
+class Directory:
+    """Placement reads and changes over a :class:`KvStore`."""
+
+    def __init__(self, kv: KvStore) -> None:
+        self.kv = kv
+        self.url = kv.url
+        self._mod: dict[tuple[str, int], int] = {}  # (shard, epoch) -> mod_revision read
+
+    async def load(self) -> Placement | None:
+        """The placement now (None: no cluster has been created yet)."""
+        revision, entries = await self.kv.get_prefix(PREFIX)
+        cluster: ClusterRecord | None = None
+        shards: dict[str, ShardRecord] = {}
+        nodes: dict[str, NodeRecord] = {}
+        hosts: dict[str, HostRecord] = {}
+        for entry in entries:
+            key = entry.key
+            if key == CLUSTER_KEY:
+                cluster = _decode(entry, ClusterRecord)
+            elif key.startswith(SHARDS):
+                shard = _decode(entry, ShardRecord)
+                shards[shard.id] = shard
+                self._mod[shard.id, shard.epoch] = entry.mod_revision
+            elif key.startswith(NODES):
+                node = _decode(entry, NodeRecord)
+                nodes[node.id] = node
+            elif key.startswith(HOSTS):
+                host = _decode(entry, HostRecord)
+                hosts[host.id] = host
+        if cluster is None:
+            return None
+        return Placement(revision, cluster, shards, nodes, hosts)
+
+    async def create_cluster(self, slots: int, shards: int, owners: list[str]) -> bool:
+        """Create the cluster with ``shards`` shards given round-robin to ``owners``.
+
+        False if a cluster exists already (someone else created it first).
+        """
+        if not 1 <= shards <= min(slots, MAX_SHARDS_AT_CREATION):
+            raise ValueError(
+                f"cannot create {shards} shards of {slots} slots (at most "
+                f"{MAX_SHARDS_AT_CREATION} at creation: split shards later)"
+            )
+        cluster = ClusterRecord(str(uuid.uuid4()), slots, _now())
+        ops: list[Put | Delete] = [Put(CLUSTER_KEY, _encode(cluster))]
+        for i, span in enumerate(split_slots(slots, shards)):
+            record = ShardRecord(shard_name(i), [span], owners[i % len(owners)], 1)
+            ops.append(Put(SHARDS + record.id, _encode(record)))
+        return await self.kv.txn([(CLUSTER_KEY, 0)], ops)
+
+    async def cas_shard(self, current: ShardRecord, new: ShardRecord) -> bool:
+        """Replace ``current`` (as last loaded) by ``new`` at the next epoch, if nobody
+        changed the shard since. False: reload and decide again."""
+        if new.id != current.id or new.epoch != current.epoch + 1:
+            raise ValueError("a shard change keeps its id and raises its epoch by one")
+        mod = self._mod.get((current.id, current.epoch))
+        if mod is None:
+            raise ValueError(f"{current.id} at epoch {current.epoch} was not read by load()")
+        return await self.kv.txn([(SHARDS + current.id, mod)], [Put(SHARDS + new.id, _encode(new))])
+
+    async def put_host(self, host: HostRecord, lease: int) -> None:
+        await self.kv.txn([], [Put(HOSTS + host.id, _encode(host), lease)])
+
+    async def put_node(self, node: NodeRecord, lease: int) -> None:
+        await self.kv.txn([], [Put(NODES + node.id, _encode(node), lease)])
+
+    async def wait_change(self, revision: int, timeout_s: float) -> int:
+        return await self.kv.wait_revision(revision, timeout_s)
+
+    async def aclose(self) -> None:
+        await self.kv.aclose()
+
+
+class Lease:
+    """A lease kept alive by :meth:`run`; ``lost`` is set if it ever expires."""
+
+    def __init__(self, kv: KvStore, lease_id: int, ttl_s: float) -> None:
+        self.kv = kv
+        self.id = lease_id
+        self.ttl_s = ttl_s
+        self.lost = trio.Event()
+        self.confirmed_at = trio.current_time()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Renew at a third of the TTL; tolerate a failing directory until it expires."""
+        task_status.started()
+        while not self.lost.is_set():
+            await trio.sleep(self.ttl_s / 3)
+            try:
+                alive = await self.kv.keepalive(self.id)
+            except DirectoryUnavailable:
+                alive = trio.current_time() - self.confirmed_at < self.ttl_s
+            else:
+                self.confirmed_at = trio.current_time()
+            if not alive:
+                self.lost.set()
+
+    @property
+    def valid(self) -> bool:
+        """Still ours as far as we can know: renewed within its TTL."""
+        return not self.lost.is_set() and trio.current_time() - self.confirmed_at < self.ttl_s
+
+    async def revoke(self) -> None:
+        with contextlib.suppress(DirectoryUnavailable):
+            await self.kv.revoke(self.id)
+
+
+async def open_lease(directory: Directory, ttl_s: float = DEFAULT_LEASE_TTL_S) -> Lease:
+    return Lease(directory.kv, await directory.kv.grant(ttl_s), ttl_s)
+
+
+def parse_directory_url(url: str, data: str) -> tuple[str, str]:
+    """("sqlite", path) or ("etcd", "http://host:port,..."); ValueError for anything else."""
+    if not url:
+        return "sqlite", os.path.join(os.path.abspath(data), DEFAULT_FILE)
+    if url.startswith("sqlite:"):
+        path = url[len("sqlite:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise ValueError(f"directory URL {url!r}: expected sqlite:PATH")
+        return "sqlite", os.path.abspath(path)
+    if url.startswith("etcd://"):
+        hosts = url[len("etcd://") :].rstrip("/")
+        if not hosts:
+            raise ValueError(f"directory URL {url!r}: expected etcd://HOST:PORT")
+        return "etcd", ",".join(f"http://{h}" for h in hosts.split(","))
+    raise ValueError(f"unknown directory URL {url!r}: expected sqlite:PATH or etcd://HOST:PORT")
+
+
+@contextlib.asynccontextmanager
+async def open_directory(url: str, data: str = ".") -> AsyncIterator[Directory]:
+    """The directory at ``url`` ('' = the embedded ``sqlite:`` file under ``data``)."""
+    kind, where = parse_directory_url(url, data)
+    kv: KvStore
+    if kind == "sqlite":
+        kv = await SqliteKv(where).open()
+    else:
+        from ._etcd import EtcdKv
+
+        kv = await EtcdKv(where).open()
+    directory = Directory(kv)
+    try:
+        yield directory
+    finally:
+        await directory.aclose()
+
+
+def _decode(entry: KvEntry, kind: Any) -> Any:
+    try:
+        return msgspec.msgpack.decode(entry.value, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise DirectoryUnavailable(f"directory key {entry.key}: {exc}") from exc
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+__all__ = [
+    "Directory",
+    "DirectoryUnavailable",
+    "Lease",
+    "open_directory",
+    "open_lease",
+    "parse_directory_url",
+]

@@ -1,0 +1,276 @@
+"""``shardlite serve --procs N``: N shard processes under one supervisor.
+
+The supervisor locks the data directory, creates or finds the cluster (giving this
+host's shards evenly to its N nodes, see _cluster.py), binds the public HTTP and RPC
+sockets once and starts N children that all accept on them (the kernel spreads the
+connections); each child also listens on a port of its own, which it registers in the
+directory, so that peers forward to it and routing clients reach it directly.
+
+A child that dies is started again with backoff (its keys are unavailable meanwhile;
+what it acknowledged is in its shards' logs and files). SIGTERM or SIGINT stops the
+children gracefully (each drains and closes its actors) and then the supervisor. A child
+whose supervisor dies notices its stdin closing and stops too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import msgspec
+import trio
+
+from shardlite.router import open_directory
+
+from ._cluster import ensure_cluster, resolve_host_id
+from ._server import NodeSpec, ServerInfo, lock_data_dir, run_server
+from ._settings import Settings
+
+log = logging.getLogger("shardlite.supervisor")
+
+SPEC_ENV = "SHARDLITE_NODE_SPEC"
+SETTINGS_ENV = "SHARDLITE_NODE_SETTINGS"
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 10.0
+HEALTHY_AFTER_S = 30.0
+"""A child that ran this long is healthy again: its next restart starts from the first
+backoff."""
+BACKLOG = 4096
+
+
+class HostInfo(msgspec.Struct, frozen=True):
+    """What the supervisor reports once every child serves."""
+
+    http_url: str
+    rpc_url: str
+    data: str
+    durability: str
+    procs: int
+    nodes: list[ServerInfo]
+
+
+def default_procs() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _listen(address: tuple[str, int]) -> socket.socket:
+    host, port = address
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=BACKLOG)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def run_supervisor(
+    settings: Settings,
+    *,
+    procs: int,
+    stopping: trio.Event | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``procs`` shard processes until SIGTERM/SIGINT (or ``stopping``)."""
+    stopping = stopping if stopping is not None else trio.Event()
+    data = os.path.abspath(settings.data)  # noqa: ASYNC240 (no I/O: a string operation)
+    os.makedirs(os.path.join(data, "shards"), mode=0o700, exist_ok=True)
+    lock = lock_data_dir(data)
+    # The children inherit the lock (one open file description, one flock): the data
+    # directory stays locked until the last of them exits, even if the supervisor dies.
+    os.set_inheritable(lock, True)
+    try:
+        host_id = resolve_host_id(data, settings.host_id)
+        async with open_directory(settings.directory, data) as directory:
+            await ensure_cluster(
+                directory,
+                data,
+                host_id,
+                procs=procs,
+                shards=settings.shards,
+                slots=settings.slots,
+            )
+        http_sock, rpc_sock = _listen(settings.http), _listen(settings.rpc)
+        child_settings = msgspec.structs.replace(settings, host_id=host_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, stopping)
+                since = time.time()
+                children = [
+                    _Child(
+                        NodeSpec(i, procs, http_sock.fileno(), rpc_sock.fileno(), since),
+                        child_settings,
+                        lock,
+                    )
+                    for i in range(procs)
+                ]
+                infos: list[ServerInfo] = []
+
+                async def start(child: _Child) -> None:
+                    infos.append(await nursery.start(child.run, stopping))
+
+                async with trio.open_nursery() as starting:  # together: each waits for all
+                    for child in children:
+                        starting.start_soon(start, child)
+                infos.sort(key=lambda info: info.node)
+                http_host, http_port = http_sock.getsockname()[:2]
+                rpc_host, rpc_port = rpc_sock.getsockname()[:2]
+                task_status.started(
+                    HostInfo(
+                        http_url=f"http://{_url_host(http_host)}:{http_port}",
+                        rpc_url=f"rpc://{_url_host(rpc_host)}:{rpc_port}",
+                        data=data,
+                        durability=settings.durability,
+                        procs=procs,
+                        nodes=infos,
+                    )
+                )
+        finally:
+            http_sock.close()
+            rpc_sock.close()
+    finally:
+        os.close(lock)
+
+
+class _Child:
+    """One shard process: started, watched, restarted with backoff, stopped."""
+
+    def __init__(self, spec: NodeSpec, settings: Settings, lock: int) -> None:
+        self.index = spec.index
+        self.spec = spec
+        self.settings = settings
+        self.fds = (spec.http_fd, spec.rpc_fd, lock)
+
+    async def run(
+        self, stopping: trio.Event, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        backoff = BACKOFF_FIRST_S
+        started = False
+        while not stopping.is_set():
+            began = trio.current_time()
+            code = await self._run_once(stopping, task_status if not started else None)
+            started = True
+            if stopping.is_set():
+                return
+            if trio.current_time() - began > HEALTHY_AFTER_S:
+                backoff = BACKOFF_FIRST_S
+            log.error(
+                "shard process %d exited (%s); starting it again in %.1fs",
+                self.index,
+                _exit_reason(code),
+                backoff,
+            )
+            with trio.move_on_after(backoff):
+                await stopping.wait()
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _run_once(self, stopping: trio.Event, task_status: Any) -> int:
+        env = dict(os.environ)
+        env[SPEC_ENV] = msgspec.json.encode(self.spec).decode()
+        env[SETTINGS_ENV] = msgspec.json.encode(self.settings).decode()
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "shardlite.shards._child"],
+            stdin=-1,  # PIPE: closes when the supervisor dies, and the child stops
+            stdout=-1,
+            env=env,
+            pass_fds=self.fds,
+        )
+        assert proc.stdout is not None and proc.stdin is not None
+        async with trio.open_nursery() as nursery:
+            line = await _read_line(proc.stdout)
+            if task_status is not None:
+                if not line:
+                    code = await proc.wait()
+                    raise RuntimeError(
+                        f"shard process {self.index} failed to start ({_exit_reason(code)})"
+                    )
+                task_status.started(msgspec.json.decode(line, type=ServerInfo))
+            nursery.start_soon(_drain, proc.stdout)
+
+            async def stop_on(stop: trio.Event) -> None:
+                await stop.wait()
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+
+            nursery.start_soon(stop_on, stopping)
+            code = await proc.wait()
+            nursery.cancel_scope.cancel()
+        await proc.stdin.aclose()
+        return code
+
+
+async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
+    buf = b""
+    while b"\n" not in buf:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return b""
+        buf += chunk
+    return buf.split(b"\n", 1)[0]
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some(4096):
+        pass
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _stop_on_signal(stopping: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; stopping the shard processes", signal.Signals(signum).name)
+            stopping.set()
+            return
+
+
+# ---------------------------------------------------------------------- the child side
+
+
+def child_main() -> None:
+    """Entry point of a shard process started by the supervisor."""
+    spec = msgspec.json.decode(os.environ.pop(SPEC_ENV), type=NodeSpec)
+    settings = msgspec.json.decode(os.environ.pop(SETTINGS_ENV), type=Settings)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{spec.index}] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+    async def main() -> None:
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def serve(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                await run_server(
+                    settings, node_spec=spec, stopping=stopping, task_status=task_status
+                )
+                nursery.cancel_scope.cancel()  # drained and closed: the orphan watch goes too
+
+            nursery.start_soon(_stop_when_orphaned, stopping)
+            info = await nursery.start(serve)
+            sys.stdout.write(msgspec.json.encode(info).decode() + "\n")
+            sys.stdout.flush()
+
+    trio.run(main)
+
+
+async def _stop_when_orphaned(stopping: trio.Event) -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    try:
+        while await stdin.receive_some(1024):
+            pass
+    finally:
+        await stdin.aclose()
+    log.warning("the supervisor is gone; stopping")
+    stopping.set()
