@@ -110,6 +110,20 @@ class ActorPool:
 
     # ------------------------------------------------------------------ calls
 
+    def room(self, key: str) -> int:
+        """How many more calls ``key``'s mailbox takes before callers get overloaded."""
+        actor = self._actors.get(key)
+        return self.config.mailbox_size - (len(actor.mailbox) if actor is not None else 0)
+
+    def overload_error(self, key: str) -> Overloaded:
+        """The error for calls ``key``'s full mailbox refuses (and count them)."""
+        self.overloaded += 1
+        actor = self._actors.get(key)
+        queued = len(actor.mailbox) if actor is not None else 0
+        return Overloaded(
+            f"actor {key!r} has {queued} calls queued; retry shortly", retry_after=1.0
+        )
+
     def submit_nowait(self, key: str, calls: list[Call]) -> None:
         """Queue ``calls`` for ``key``'s actor. Raises Overloaded/Unavailable/BadRequest."""
         if self.closing:
@@ -117,10 +131,7 @@ class ActorPool:
         actor = self._actors.get(key)
         queued = len(actor.mailbox) if actor is not None else 0
         if queued + len(calls) > self.config.mailbox_size:
-            self.overloaded += 1
-            raise Overloaded(
-                f"actor {key!r} has {queued} calls queued; retry shortly", retry_after=1.0
-            )
+            raise self.overload_error(key)
         if actor is None:
             validate_key(key)
             path = resolve_actor_path(self._locate(key), key)

@@ -9,12 +9,19 @@ from __future__ import annotations
 import os
 import re
 
-from . import bench_coldstart, bench_durable, bench_http, bench_inprocess, bench_rpc
+from . import (
+    bench_coldstart,
+    bench_durable,
+    bench_http,
+    bench_inprocess,
+    bench_router,
+    bench_rpc,
+)
 from .common import SectionResult
 
 SECTIONS: dict[str, str] = {
     m.NAME: m.TITLE
-    for m in (bench_inprocess, bench_rpc, bench_durable, bench_http, bench_coldstart)
+    for m in (bench_inprocess, bench_rpc, bench_durable, bench_router, bench_http, bench_coldstart)
 }
 DOC = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md"

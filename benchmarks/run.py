@@ -3,7 +3,7 @@
     python -m benchmarks [section ...] [--quick] [--runs N] [--write | --no-write]
     python benchmarks/run.py ...
 
-Sections: inprocess, rpc, durable, http, coldstart (default: all, in that order).
+Sections: inprocess, rpc, durable, router, http, coldstart (default: all, in that order).
 ``--quick`` is a smoke run of a few seconds per section; it leaves docs/benchmarks.md
 alone unless ``--write`` is given.
 """
@@ -27,13 +27,15 @@ from benchmarks import (
     bench_durable,
     bench_http,
     bench_inprocess,
+    bench_router,
     bench_rpc,
     report,
 )
 from benchmarks.common import LOAD_CPU, Options, SectionResult
 
 RUNNERS: dict[str, Callable[[Options], SectionResult]] = {
-    m.NAME: m.run for m in (bench_inprocess, bench_rpc, bench_durable, bench_http, bench_coldstart)
+    m.NAME: m.run
+    for m in (bench_inprocess, bench_rpc, bench_durable, bench_router, bench_http, bench_coldstart)
 }
 MIN_RUNS = 3
 

@@ -8,7 +8,14 @@ processes.
 from . import _wire as wire
 from ._aclient import AsyncActor, AsyncClient, connect_async
 from ._client import Actor, Client, connect
-from ._directory import Directory, Lease, open_directory, open_lease, parse_directory_url
+from ._directory import (
+    DEFAULT_LEASE_TTL_S,
+    Directory,
+    Lease,
+    open_directory,
+    open_lease,
+    parse_directory_url,
+)
 from ._forward import Forwarded, Forwarder, ForwardWaiter
 from ._kv import DirectoryUnavailable, KvStore
 from ._placement import (
@@ -27,6 +34,7 @@ from ._placement import (
 from ._protocol import ConnectionLost, parse_url
 
 __all__ = [
+    "DEFAULT_LEASE_TTL_S",
     "DEFAULT_SLOTS",
     "Actor",
     "AsyncActor",

@@ -133,12 +133,13 @@ class Lease:
         task_status.started()
         while not self.lost.is_set():
             await trio.sleep(self.ttl_s / 3)
+            sent = trio.current_time()  # the lease runs from before the renewal reached it
             try:
                 alive = await self.kv.keepalive(self.id)
             except DirectoryUnavailable:
                 alive = trio.current_time() - self.confirmed_at < self.ttl_s
             else:
-                self.confirmed_at = trio.current_time()
+                self.confirmed_at = sent
             if not alive:
                 self.lost.set()
 

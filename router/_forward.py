@@ -24,6 +24,8 @@ from . import _wire as wire
 log = logging.getLogger("shardlite.forward")
 
 CONNECT_TIMEOUT_S = 5.0
+PEER_HELLO_ID = (1 << 64) - 1
+"""The id of the hello frame (forwarded requests count up from 1: never this)."""
 RECEIVE_BYTES = 256 * 1024
 
 
@@ -74,10 +76,21 @@ class _Peer:
                 continue
             try:
                 async with stream, trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read, stream, nursery.cancel_scope)
+                    greeted = trio.Event()
+                    nursery.start_soon(self._read, stream, nursery.cancel_scope, greeted)
+                    # first, alone: this connection carries forwarded requests, which may
+                    # be a few bytes over the size limit their clients were held to
+                    await stream.send_all(wire.request_frame(PEER_HELLO_ID, "", wire.PeerHello()))
+                    with trio.fail_after(CONNECT_TIMEOUT_S):
+                        await greeted.wait()
                     await self._write(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._fail(f"the connection to {self.address} broke ({exc})")
+            except* (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                trio.TooSlowError,
+                OSError,
+            ) as group:
+                self._fail(f"the connection to {self.address} broke ({group.exceptions[0]})")
 
     async def _write(self, stream: trio.SocketStream) -> None:
         while True:
@@ -88,7 +101,9 @@ class _Peer:
                 self.outbox.clear()
                 await stream.send_all(data)
 
-    async def _read(self, stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+    async def _read(
+        self, stream: trio.SocketStream, scope: trio.CancelScope, greeted: trio.Event
+    ) -> None:
         reader = wire.FrameReader(1 << 31)
         decode = wire.response_decoder.decode
         try:
@@ -98,6 +113,9 @@ class _Peer:
                     break
                 for payload in reader.feed(data):
                     response = decode(payload)
+                    if response.id == PEER_HELLO_ID:
+                        greeted.set()
+                        continue
                     entry = self.pending.pop(response.id, None)
                     if entry is not None:
                         sink, tag = entry
@@ -139,7 +157,7 @@ class Forwarder:
         req_id = next(self._ids)
         try:
             frame = wire.request_frame(req_id, key, op, idempotency_key, epoch)
-            if len(frame) - wire.HEADER_BYTES > self.max_frame_bytes:
+            if len(frame) - wire.HEADER_BYTES > self.max_frame_bytes + wire.PEER_SLACK_BYTES:
                 # a request right at the size limit: the epoch would push it over, and
                 # the owner checks its ownership anyway
                 frame = wire.request_frame(req_id, key, op, idempotency_key)

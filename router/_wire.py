@@ -59,6 +59,15 @@ class GetPlacement(msgspec.Struct, tag="placement", array_like=True, frozen=True
     """The placement map the server holds (key is ignored): for routing clients."""
 
 
+class PeerHello(msgspec.Struct, tag="peer", array_like=True, frozen=True):
+    """Sent first on a connection between shard processes: it carries forwarded
+    requests, so its frames may exceed the size limit by ``PEER_SLACK_BYTES`` (a new
+    request id and the epoch)."""
+
+
+PEER_SLACK_BYTES = 64
+
+
 class GetStatus(msgspec.Struct, tag="status", array_like=True, frozen=True):
     """This shard process's status (key is ignored): for ``shardlite ops status``."""
 
@@ -89,6 +98,7 @@ WireOp: TypeAlias = (
     | Ping
     | GetPlacement
     | GetStatus
+    | PeerHello
 )
 
 
@@ -124,6 +134,7 @@ RESULT_TYPES: dict[type, type] = {
     Ping: Pong,
     GetPlacement: PlacementMap,
     GetStatus: NodeStatus,
+    PeerHello: Pong,
 }
 
 

@@ -26,10 +26,12 @@ from shardlite.router import (
     Directory,
     DirectoryUnavailable,
     Forwarder,
+    HostRecord,
     Lease,
     NodeRecord,
     Placement,
     ShardRecord,
+    open_lease,
     wire,
 )
 
@@ -68,6 +70,7 @@ class Node:
         self._attach = attach
         self.served: dict[str, int] = {}  # shard id -> epoch it is served at
         self.not_ready: str | None = None
+        self.host_record: HostRecord | None = None  # put by the host's first process
 
     # ------------------------------------------------------------------ placement
 
@@ -88,6 +91,35 @@ class Node:
             if shard_id not in mine:
                 log.warning("%s is no longer ours: not serving it", shard_id)
                 del self.served[shard_id]
+
+    async def register(self) -> None:
+        """Put this process (and its host) in the directory, bound to the lease."""
+        await self.directory.put_node(self.record, self.lease.id)
+        if self.host_record is not None:
+            await self.directory.put_host(self.host_record, self.lease.id)
+
+    async def run_lease(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the lease; if it lapses (directory unreachable too long), stop serving
+        (``route`` checks ``lease.valid``) until a new lease and registration succeed."""
+        task_status.started()
+        while True:
+            await self.lease.run()  # returns once the lease is lost
+            log.error("directory lease lost: not serving shards until the directory is back")
+            while True:
+                try:
+                    lease = await open_lease(self.directory, self.lease.ttl_s)
+                    self.lease = lease
+                    await self.register()
+                    placement = await self.directory.load()
+                except DirectoryUnavailable as exc:
+                    self.not_ready = f"directory lease lost; directory unreachable: {exc}"
+                    await trio.sleep(RETRY_DIRECTORY_S)
+                    continue
+                if placement is not None:
+                    await self.adopt(placement)
+                self.not_ready = None
+                log.info("directory back: registered again with a new lease")
+                break
 
     async def run_watcher(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Follow the directory: adopt each new placement; say when it cannot be read."""

@@ -68,6 +68,7 @@ class RpcConnection:
         self._idle: trio.Event | None = None
         self._nursery = nursery
         self.closed = False
+        self.peer = False  # another shard process, forwarding (see wire.PeerHello)
 
     # the Sink protocol
     def deliver(self, tag: Any, result: Any) -> None:
@@ -158,6 +159,12 @@ class RpcConnection:
             if kind is wire.Ping:
                 self._reply_now(req.id, wire.Pong(SERVER_NAME))
                 continue
+            if kind is wire.PeerHello:
+                if not self.peer:
+                    self.peer = True
+                    self.reader.max_frame += wire.PEER_SLACK_BYTES
+                self._reply_now(req.id, wire.Pong(SERVER_NAME))
+                continue
             if kind is wire.GetPlacement:
                 self._reply_now(req.id, self.node.placement.to_map())
                 continue
@@ -194,12 +201,22 @@ class RpcConnection:
                 calls.append(call)
         self.metrics.rpc_requests.inc(len(frames))
         submit = self.pool.submit_nowait
-        for key, calls in groups.items():
+        for key, group in groups.items():
+            room = self.pool.room(key)
+            accepted, refused = group, []
+            if len(group) > room > 0:
+                # a burst (or a peer carrying many clients' calls): the mailbox takes
+                # what fits, in order, and only the rest is refused
+                accepted, refused = group[:room], group[room:]
             try:
-                submit(key, calls)
+                submit(key, accepted)
             except Error as exc:
-                for call in calls:
+                for call in accepted:
                     self.deliver(call.tag, exc)
+            if refused:
+                overloaded = self.pool.overload_error(key)
+                for call in refused:
+                    self.deliver(call.tag, overloaded)
         self.pool.wake_runner()
 
 

@@ -50,6 +50,9 @@ FDS_PER_ACTOR = {"os": 2, "log": 2, "fsync": 3}
 """The database and its WAL (no -shm: locking_mode=EXCLUSIVE), plus the flusher's own
 descriptor of the WAL with durability=fsync."""
 FDS_RESERVED = 256
+LISTEN_BACKLOG = 4096
+_KEEP_OPEN: list[stdlib_socket.socket] = []
+"""Listening sockets hypercorn uses by descriptor: they must outlive the server."""
 """Descriptors kept for sockets, logs and worker threads."""
 
 
@@ -96,8 +99,9 @@ class NodeSpec(msgspec.Struct, frozen=True):
 
     index: int
     procs: int
-    http_fd: int
-    rpc_fd: int
+    http: tuple[str, int]
+    rpc: tuple[str, int]
+    """The host's public addresses: each process listens there too (SO_REUSEPORT)."""
     since: float
     """When the supervisor started: a peer registered before that is a previous one."""
 
@@ -140,7 +144,7 @@ async def run_server(
                 if loaded is None:
                     raise RuntimeError(f"the directory {directory.url} has no cluster")
                 placement = loaded
-            lease = await open_lease(directory)
+            lease = await open_lease(directory, settings.lease_ttl)
             await _serve(
                 settings=settings,
                 config=config,
@@ -180,7 +184,6 @@ async def _serve(
     async with trio.open_nursery() as outer:
         if handle_signals:
             outer.start_soon(_stop_on_signal, stopping)
-        await outer.start(lease.run)
         async with open_actor_pool(config, _locate_by(holder)) as pool:
             metrics.watch_pool(pool)
             async with trio.open_nursery() as background:
@@ -245,12 +248,14 @@ async def _serve(
                         os.getpid(),
                         record.started,
                     )
-                    await directory.put_node(record, lease.id)
                     if node_spec is None or node_spec.index == 0:
                         public_rpc = f"{_host_for_url(advertise)}:{rpc_addresses[0][1]}"
-                        await directory.put_host(
-                            HostRecord(host_id, public_rpc, http_urls[0]), lease.id
-                        )
+                        node.host_record = HostRecord(host_id, public_rpc, http_urls[0])
+                    await node.register()
+                    registered = await directory.load()  # this very process included
+                    if registered is not None:
+                        await node.adopt(registered)
+                    await background.start(node.run_lease)
                     await background.start(node.run_watcher)
                     if node_spec is not None:
                         await node.wait_for_peers(node_spec.procs, node_spec.since)
@@ -275,7 +280,7 @@ async def _serve(
             log.info("servers stopped; draining actors")
         log.info("all actors closed")
         with trio.CancelScope(shield=True):
-            await lease.revoke()
+            await holder[0].lease.revoke()
         outer.cancel_scope.cancel()
 
 
@@ -289,9 +294,22 @@ def _locate_by(holder: list[Node]) -> Callable[[str], str]:
 def _rpc_listeners(node_spec: NodeSpec | None) -> list[trio.SocketListener] | None:
     if node_spec is None:
         return None
-    sock = trio.socket.fromfd(node_spec.rpc_fd, stdlib_socket.AF_INET, stdlib_socket.SOCK_STREAM)
-    os.close(node_spec.rpc_fd)
+    sock = trio.socket.from_stdlib_socket(listen_shared(node_spec.rpc))
     return [trio.SocketListener(sock)]
+
+
+def listen_shared(address: tuple[str, int]) -> stdlib_socket.socket:
+    """A listening socket on the host's public ``address``, shared by port (SO_REUSEPORT)
+    with the host's other shard processes."""
+    host, port = address
+    family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
+    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+    sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
 def _advertised(settings: Settings, listen_host: str) -> str:
@@ -309,8 +327,10 @@ def _host_for_url(host: str) -> str:
 def _hypercorn_config(settings: Settings, node_spec: NodeSpec | None) -> HypercornConfig:
     cfg = HypercornConfig()
     host, port = settings.http
-    if node_spec is not None:  # the supervisor's listening socket, shared by its processes
-        cfg.bind = [f"fd://{node_spec.http_fd}"]
+    if node_spec is not None:  # the host's port, shared by its processes (SO_REUSEPORT)
+        sock = listen_shared(node_spec.http)
+        _KEEP_OPEN.append(sock)
+        cfg.bind = [f"fd://{sock.fileno()}"]
     else:
         cfg.bind = [f"{_host_for_url(host)}:{port}"]
     cfg.accesslog = None

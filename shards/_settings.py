@@ -17,7 +17,7 @@ import msgspec
 
 from shardlite.actor import ActorConfig, Durability
 from shardlite.actor import _config as defaults
-from shardlite.router import DEFAULT_SLOTS
+from shardlite.router import DEFAULT_LEASE_TTL_S, DEFAULT_SLOTS
 
 DEFAULT_DATA_DIR = "./shardlite-data"
 DEFAULT_HTTP = "127.0.0.1:8080"
@@ -77,6 +77,13 @@ SETTINGS: tuple[Setting, ...] = (
         "str",
         "The address other hosts and routing clients reach this host at (default: the "
         "listen address; 127.0.0.1 when that is a wildcard).",
+    ),
+    Setting(
+        "lease_ttl",
+        DEFAULT_LEASE_TTL_S,
+        "duration",
+        "A process that cannot renew its directory lease for this long stops serving its "
+        "shards (503) until the directory is back.",
     ),
     Setting(
         "shards",
@@ -267,6 +274,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     directory: str = ""
     host_id: str = ""
     advertise: str = ""
+    lease_ttl: float = DEFAULT_LEASE_TTL_S
     shards: int = 0
     slots: int = DEFAULT_SLOTS
     durability: str = Durability.LOG.value

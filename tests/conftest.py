@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from shardlite.actor import ActorConfig, ActorPool, Durability, open_actor_pool
@@ -149,3 +154,123 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
 def server(start_server: Any) -> ServerProcess:
     """One running server with the default settings (durability=fsync)."""
     return start_server()
+
+
+# ---------------------------------------------------------------------- a real etcd
+
+ETCD_START_TIMEOUT_S = 20.0
+ETCD_PREFIX = "/shardlite/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def clean_etcd(client_url: str) -> None:
+    """Delete every key under the directory's prefix."""
+    end = ETCD_PREFIX[:-1] + chr(ord(ETCD_PREFIX[-1]) + 1)
+    body = {"key": _b64(ETCD_PREFIX.encode()), "range_end": _b64(end.encode())}
+    httpx.post(client_url + "/v3/kv/deleterange", json=body, timeout=10).raise_for_status()
+
+
+class EtcdServer:
+    """A real etcd (Debian's etcd-server) on free loopback ports (never 2379).
+
+    CI installs it (``.ci/run``): a missing binary fails the tests rather than skipping
+    them. ``stop()`` and ``start()`` again keep its data and ports (etcd lost, then back).
+    """
+
+    def __init__(self, work: Path) -> None:
+        binary = shutil.which("etcd")
+        if binary is None:
+            pytest.fail("etcd is not installed: apt-get install etcd-server (.ci/run does it)")
+        self.work = work
+        self.client = f"http://127.0.0.1:{free_port()}"
+        peer = f"http://127.0.0.1:{free_port()}"
+        self.url = "etcd://" + self.client.removeprefix("http://")
+        self.cmd = [
+            binary,
+            "--name=test",
+            f"--data-dir={work / 'data'}",
+            f"--listen-client-urls={self.client}",
+            f"--advertise-client-urls={self.client}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=test={peer}",
+            # short raft timings: a quick start, and a minimum lease TTL of 1 s (not 2 s)
+            "--heartbeat-interval=50",
+            "--election-timeout=500",
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> EtcdServer:
+        log_path = self.work / "etcd.log"
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.work
+            )
+        deadline = time.monotonic() + ETCD_START_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"etcd exited with {self.proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(self.client + "/health", timeout=1).json().get("health") == "true":
+                    return self
+            except (httpx.HTTPError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"etcd did not start:\n{log_path.read_text()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def etcd_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``etcd://127.0.0.1:PORT`` of an etcd started for this session, stopped at the end."""
+    etcd = EtcdServer(tmp_path_factory.mktemp("etcd")).start()
+    try:
+        yield etcd.url
+    finally:
+        etcd.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    """An etcd of this test's own (it may stop and start it)."""
+    server = EtcdServer(tmp_path / "etcd")
+    server.work.mkdir()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def directory_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty directory, once per backend."""
+    if request.param == "sqlite":
+        return "sqlite:" + str(tmp_path / "directory.db")
+    url: str = request.getfixturevalue("etcd_url")
+    clean_etcd("http://" + url.removeprefix("etcd://"))
+    return url
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nobody listens on (as far as one can tell)."""
+    return free_port()

@@ -43,6 +43,10 @@ def module_server(request: pytest.FixtureRequest, server_root: Path) -> Iterator
     args = tuple(getattr(request.module, "SERVER_ARGS", ())) + NEVER_IDLE
     server = ServerProcess(server_root / "data", *args).start()
     yield server
+    import os as _os
+
+    if _os.environ.get("DUMP_SERVER_LOG"):
+        print("SERVER LOG\n" + server.log)
     if server.proc is not None and server.proc.poll() is None:
         try:
             server.terminate(30)

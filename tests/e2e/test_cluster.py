@@ -246,3 +246,49 @@ def test_an_unreachable_etcd_is_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode != 0
     assert url in out.stderr and "Traceback" not in out.stderr
+
+
+# ------------------------------------------------------------------ etcd as the directory
+
+
+def test_serving_with_etcd_as_the_directory(start_server: Any, etcd: Any) -> None:
+    server = start_server("--procs", "2", "--directory", etcd.url)
+    fill(server.rpc_url, KEYS)
+    for key in KEYS:
+        assert rows_of(server.rpc_url, key, routing=False) == [(key,)]
+    out = subprocess.run(
+        [sys.executable, "-m", "shardlite", "ops", "status", "--directory", etcd.url, "--json"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    status = json.loads(out.stdout)
+    assert status["directory"].startswith("etcd://")
+    assert sum(s["actor_files"] for s in status["shards"]) == len(KEYS)
+
+
+def test_losing_etcd_stops_serving_after_the_lease_and_its_return_resumes(
+    start_server: Any, etcd: Any
+) -> None:
+    server = start_server("--procs", "1", "--directory", etcd.url, "--lease-ttl", "5s")
+    fill(server.rpc_url, KEYS[:4])
+    etcd.stop()
+    with httpx.Client(base_url=server.http_url, timeout=30) as http:
+        # while the lease holds, the owned shards keep serving
+        r = http.post(f"/v1/actors/{KEYS[0]}/sql", json={"sql": "SELECT v FROM t"})
+        assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 60
+        while (ready := http.get("/readyz")).json()["checks"]["lease"]:
+            assert time.monotonic() < deadline, "the lease never lapsed"
+            time.sleep(0.2)
+        assert ready.status_code == 503
+        assert "directory" in ready.json()["reason"]
+        r = http.post(f"/v1/actors/{KEYS[0]}/sql", json={"sql": "SELECT v FROM t"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "unavailable"
+        assert "lease" in r.json()["error"]["message"]
+        etcd.start()
+        deadline = time.monotonic() + 60
+        while http.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "did not serve again once etcd was back"
+            time.sleep(0.2)
+    for key in KEYS[:4]:
+        assert rows_of(server.rpc_url, key) == [(key,)]
