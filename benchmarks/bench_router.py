@@ -70,7 +70,10 @@ NAME = "router"
 TITLE = "Router: one process vs two, forwarded vs direct"
 DEFAULT_RUNS = 3
 KEYS = 64
-"""As many in each of the cluster's (default 4) shards: two processes get as many each."""
+"""As many in each of the cluster's shards: two processes get as many each."""
+SHARDS = 2
+"""The same two shards for one process and for two (one each): only the process count
+changes between the cases."""
 CONNS, WINDOW = 4, 64
 DURABILITIES = ("os", "log")
 IDLE_TIMEOUT_S = 3600
@@ -218,7 +221,7 @@ class Server:
             "shardlite",
             "serve",
             *("--data", data, "--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0"),
-            *("--durability", durability, "--procs", str(procs)),
+            *("--durability", durability, "--procs", str(procs), "--shards", str(SHARDS)),
             *("--idle-timeout", str(IDLE_TIMEOUT_S), "--log-level", "warning"),
             *(defer if durability == "log" else ()),
         )

@@ -269,6 +269,8 @@ def serve_shardlite(data: str, durability: str, *extra: str) -> tuple[Child, str
         "127.0.0.1:0",
         "--durability",
         durability,
+        "--procs",
+        "1",  # one process pinned to the server CPU: the per-core figures
         "--log-level",
         "warning",
         *extra,

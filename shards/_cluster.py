@@ -66,7 +66,7 @@ async def ensure_cluster(
     placement = await directory.load()
     if placement is None:
         existing = _existing_shards(data)
-        count = shards or max(4, procs)
+        count = shards or procs  # one shard log per process: see shards/DESIGN.md
         if existing == [LEGACY_SHARD]:
             count = 1  # every key's file is in shard-00 already
         elif existing:

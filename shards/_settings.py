@@ -89,7 +89,8 @@ SETTINGS: tuple[Setting, ...] = (
         "shards",
         0,
         "int",
-        "Shards of a new cluster (0: 4, or one per process if more); fixed at creation.",
+        "Shards of a new cluster (0: one per process); each has its own log and moves as a "
+        "unit. Fixed at creation.",
     ),
     Setting(
         "slots",
