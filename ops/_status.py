@@ -63,7 +63,13 @@ def _report(
     nodes = []
     for node in sorted(placement.nodes.values(), key=lambda n: n.id):
         status: wire.NodeStatus | str | None = statuses.get(node.id)
-        entry: dict[str, Any] = {"id": node.id, "host": node.host, "rpc": node.rpc, "pid": node.pid}
+        entry: dict[str, Any] = {
+            "id": node.id,
+            "host": node.host,
+            "rpc": node.rpc,
+            "http": node.http,
+            "pid": node.pid,
+        }
         if isinstance(status, wire.NodeStatus):
             entry.update(status="ok", actors_open=status.actors_open, uptime_s=status.uptime_s)
         else:
@@ -105,9 +111,18 @@ def print_status(report: dict[str, Any]) -> None:
     for h in report["hosts"]:
         hosts.add_row(h["id"], h["rpc"], h["http"], "yes" if h["alive"] else "no")
     console.print(hosts)
-    nodes = Table("process", "rpc", "pid", "open actors", "status", title="shard processes")
+    nodes = Table(
+        "process", "rpc", "http (its own)", "pid", "open actors", "status", title="shard processes"
+    )
     for n in report["nodes"]:
-        nodes.add_row(n["id"], n["rpc"], str(n["pid"]), str(n.get("actors_open", "-")), n["status"])
+        nodes.add_row(
+            n["id"],
+            n["rpc"],
+            n["http"],
+            str(n["pid"]),
+            str(n.get("actors_open", "-")),
+            n["status"],
+        )
     console.print(nodes)
     shards = Table("shard", "owner", "epoch", "slots", "actor files", "bytes", title="shards")
     for s in report["shards"]:

@@ -40,6 +40,7 @@ log = logging.getLogger("shardlite.node")
 WATCH_TIMEOUT_S = 5.0
 RETRY_DIRECTORY_S = 1.0
 PEER_POLL_S = 0.05
+ROUTE_CACHE_KEYS = 100_000
 
 
 def shard_dir(data: str, shard: str) -> str:
@@ -69,6 +70,7 @@ class Node:
         self.forwarder = forwarder
         self._attach = attach
         self.served: dict[str, int] = {}  # shard id -> epoch it is served at
+        self._shard_of: dict[str, ShardRecord] = {}  # key -> its shard, this placement
         self.not_ready: str | None = None
         self.host_record: HostRecord | None = None  # put by the host's first process
 
@@ -81,6 +83,7 @@ class Node:
     async def adopt(self, placement: Placement) -> None:
         """Serve the shards ``placement`` gives this node; stop serving the others."""
         self.placement = placement
+        self._shard_of = {}
         mine = {s.id: s.epoch for s in placement.shards.values() if s.owner == self.id}
         for shard_id, epoch in mine.items():
             if shard_id not in self.served:
@@ -158,10 +161,15 @@ class Node:
     def route(self, key: str, epoch: int | None) -> ShardRecord | Error | None:
         """None: serve here. A ShardRecord: forward to its owner. An Error: answer it."""
         placement = self.placement
-        try:
-            shard = placement.shard_for(key)
-        except LookupError as exc:
-            return Unavailable(str(exc))
+        shard = self._shard_of.get(key)
+        if shard is None:  # a hash and a bisect: cached per key (the hot path is ~5 µs)
+            try:
+                shard = placement.shard_for(key)
+            except LookupError as exc:
+                return Unavailable(str(exc))
+            if len(self._shard_of) >= ROUTE_CACHE_KEYS:
+                self._shard_of.clear()
+            self._shard_of[key] = shard
         if shard.owner == self.id and self.served.get(shard.id) == shard.epoch:
             if not self.lease.valid:
                 return Unavailable(

@@ -183,7 +183,7 @@ async def _serve(
     holder: list[Node] = []
     async with trio.open_nursery() as outer:
         if handle_signals:
-            outer.start_soon(_stop_on_signal, stopping)
+            outer.start_soon(stop_on_signal, stopping)
         async with open_actor_pool(config, _locate_by(holder)) as pool:
             metrics.watch_pool(pool)
             async with trio.open_nursery() as background:
@@ -243,13 +243,13 @@ async def _serve(
                     node.record = record = NodeRecord(
                         record.id,
                         host_id,
-                        f"{_host_for_url(advertise)}:{direct[1]}",
-                        http_urls[0],
+                        f"{host_for_url(advertise)}:{direct[1]}",
+                        http_urls[-1],  # its own port (the shared one when alone)
                         os.getpid(),
                         record.started,
                     )
                     if node_spec is None or node_spec.index == 0:
-                        public_rpc = f"{_host_for_url(advertise)}:{rpc_addresses[0][1]}"
+                        public_rpc = f"{host_for_url(advertise)}:{rpc_addresses[0][1]}"
                         node.host_record = HostRecord(host_id, public_rpc, http_urls[0])
                     await node.register()
                     registered = await directory.load()  # this very process included
@@ -262,7 +262,7 @@ async def _serve(
                     host, port = rpc_addresses[0]
                     info = ServerInfo(
                         http_url=http_urls[0],
-                        rpc_url=f"rpc://{_host_for_url(host)}:{port}",
+                        rpc_url=f"rpc://{host_for_url(host)}:{port}",
                         data=data,
                         durability=settings.durability,
                         max_open_actors=config.max_open_actors,
@@ -298,15 +298,21 @@ def _rpc_listeners(node_spec: NodeSpec | None) -> list[trio.SocketListener] | No
     return [trio.SocketListener(sock)]
 
 
-def listen_shared(address: tuple[str, int]) -> stdlib_socket.socket:
-    """A listening socket on the host's public ``address``, shared by port (SO_REUSEPORT)
-    with the host's other shard processes."""
+def reuseport_socket(address: tuple[str, int]) -> stdlib_socket.socket:
+    """A TCP socket bound to ``address`` with SO_REUSEPORT (not listening yet)."""
     host, port = address
     family = stdlib_socket.AF_INET6 if ":" in host else stdlib_socket.AF_INET
     sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
     sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
     sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
+    return sock
+
+
+def listen_shared(address: tuple[str, int]) -> stdlib_socket.socket:
+    """A listening socket on the host's public ``address``, shared by port (SO_REUSEPORT)
+    with the host's other shard processes."""
+    sock = reuseport_socket(address)
     sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
@@ -320,7 +326,7 @@ def _advertised(settings: Settings, listen_host: str) -> str:
     return listen_host
 
 
-def _host_for_url(host: str) -> str:
+def host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
@@ -330,9 +336,10 @@ def _hypercorn_config(settings: Settings, node_spec: NodeSpec | None) -> Hyperco
     if node_spec is not None:  # the host's port, shared by its processes (SO_REUSEPORT)
         sock = listen_shared(node_spec.http)
         _KEEP_OPEN.append(sock)
-        cfg.bind = [f"fd://{sock.fileno()}"]
+        # and a port of its own: /metrics of this very process, for Prometheus to scrape
+        cfg.bind = [f"fd://{sock.fileno()}", f"{host_for_url(host)}:0"]
     else:
-        cfg.bind = [f"{_host_for_url(host)}:{port}"]
+        cfg.bind = [f"{host_for_url(host)}:{port}"]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("shardlite.http")
     cfg.keep_alive_timeout = 5.0
@@ -341,7 +348,8 @@ def _hypercorn_config(settings: Settings, node_spec: NodeSpec | None) -> Hyperco
     return cfg
 
 
-async def _stop_on_signal(stopping: trio.Event) -> None:
+async def stop_on_signal(stopping: trio.Event) -> None:
+    """Set ``stopping`` on the first SIGTERM or SIGINT."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info("received %s; shutting down gracefully", signal.Signals(signum).name)

@@ -28,7 +28,15 @@ import trio
 from shardlite.router import open_directory
 
 from ._cluster import ensure_cluster, resolve_host_id
-from ._server import NodeSpec, ServerInfo, lock_data_dir, run_server
+from ._server import (
+    NodeSpec,
+    ServerInfo,
+    host_for_url,
+    lock_data_dir,
+    reuseport_socket,
+    run_server,
+    stop_on_signal,
+)
 from ._settings import Settings
 
 log = logging.getLogger("shardlite.supervisor")
@@ -64,13 +72,7 @@ def _reserve(address: tuple[str, int]) -> socket.socket:
     the connections over the children's sockets (a hash of each connection's addresses).
     A shared accept queue would give every connection to whichever process accepts
     first: measured 4+0 splits of four long-lived client connections."""
-    host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
+    return reuseport_socket(address)
 
 
 async def run_supervisor(
@@ -103,7 +105,7 @@ async def run_supervisor(
         child_settings = msgspec.structs.replace(settings, host_id=host_id)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_stop_on_signal, stopping)
+                nursery.start_soon(stop_on_signal, stopping)
                 since = time.time()
                 children = [
                     _Child(
@@ -132,8 +134,8 @@ async def run_supervisor(
                 rpc_host, rpc_port = rpc_sock.getsockname()[:2]
                 task_status.started(
                     HostInfo(
-                        http_url=f"http://{_url_host(http_host)}:{http_port}",
-                        rpc_url=f"rpc://{_url_host(rpc_host)}:{rpc_port}",
+                        http_url=f"http://{host_for_url(http_host)}:{http_port}",
+                        rpc_url=f"rpc://{host_for_url(rpc_host)}:{rpc_port}",
                         data=data,
                         durability=settings.durability,
                         procs=procs,
@@ -233,18 +235,6 @@ def _exit_reason(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-async def _stop_on_signal(stopping: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s; stopping the shard processes", signal.Signals(signum).name)
-            stopping.set()
-            return
 
 
 # ---------------------------------------------------------------------- the child side

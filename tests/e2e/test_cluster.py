@@ -292,3 +292,15 @@ def test_losing_etcd_stops_serving_after_the_lease_and_its_return_resumes(
             time.sleep(0.2)
     for key in KEYS[:4]:
         assert rows_of(server.rpc_url, key) == [(key,)]
+
+
+def test_each_process_has_an_http_port_of_its_own_for_metrics(cluster: Any) -> None:
+    fill(cluster.rpc_url, KEYS[:8])
+    nodes = ops_status(cluster.data)["nodes"]
+    assert len({n["http"] for n in nodes}) == len(nodes) == 2
+    for node in nodes:
+        with httpx.Client(base_url=node["http"], timeout=30) as http:
+            assert http.get("/readyz").json()["node"] == node["id"]
+            metrics = http.get("/metrics")
+            assert metrics.status_code == 200
+            assert "shardlite_rpc_requests_total" in metrics.text
