@@ -102,7 +102,6 @@ def _epoch_templates(indexes: list[int], epochs: list[int]) -> list[tuple[bytes,
 
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(rpc_load.Reply).decode
 
 
 def load(
@@ -145,24 +144,10 @@ def load(
             if not data:
                 raise RuntimeError("the server closed the connection")
             now = last_reply = clock()
-            if cl.buf:
-                data = cl.buf + data
-            view = memoryview(data)
-            n, pos, got, times = len(data), 0, 0, cl.times
-            while n - pos >= 4:
-                end = pos + 4 + int.from_bytes(data[pos : pos + 4], "big")
-                if end > n:
-                    break
-                reply = _decode(view[pos + 4 : end])
-                lats.append(now - times[reply.id])
-                if reply.status:
-                    errors += 1
-                    first_error = first_error or msgspec.msgpack.decode(reply.body)
-                pos = end
-                got += 1
-            view.release()
-            cl.buf = data[pos:]
-            cl.outstanding -= got
+            got, failed = cl.take_replies(data, now, lats)
+            if failed:
+                errors += failed
+                first_error = first_error or cl.first_error
             if got and now < deadline:
                 cl.send(got, now)
             elif not cl.outstanding:

@@ -65,7 +65,7 @@ def insert_op(i: int) -> Sql:
 
 
 class Conn:
-    __slots__ = ("buf", "once", "order", "outstanding", "pos", "sock", "times")
+    __slots__ = ("buf", "first_error", "once", "order", "outstanding", "pos", "sock", "times")
 
     def __init__(self, port: int, order: list[tuple[bytes, bytes]], once: bool) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port))
@@ -76,6 +76,30 @@ class Conn:
         self.times: list[float] = [0.0]  # index = request id; id 0 is never used
         self.outstanding = 0
         self.buf = b""
+        self.first_error: Any = None
+
+    def take_replies(self, data: bytes, now: float, lats: list[float]) -> tuple[int, int]:
+        """Account the complete replies in ``data`` (after what was left over): their
+        latencies go to ``lats``; returns (replies, error replies)."""
+        if self.buf:
+            data = self.buf + data
+        view = memoryview(data)
+        n, pos, got, failed, times = len(data), 0, 0, 0, self.times
+        while n - pos >= 4:
+            end = pos + 4 + int.from_bytes(data[pos : pos + 4], "big")
+            if end > n:
+                break
+            reply = _decode(view[pos + 4 : end])
+            lats.append(now - times[reply.id])
+            if reply.status:
+                failed += 1
+                self.first_error = self.first_error or msgspec.msgpack.decode(reply.body)
+            pos = end
+            got += 1
+        view.release()
+        self.buf = data[pos:]
+        self.outstanding -= got
+        return got, failed
 
     def send(self, count: int, now: float) -> int:
         """Send up to ``count`` new requests (fewer when a one-pass order runs out)."""
@@ -153,24 +177,10 @@ def run(
             if not data:
                 raise RuntimeError("the server closed the connection")
             now = last_reply = clock()
-            if cl.buf:
-                data = cl.buf + data
-            view = memoryview(data)
-            n, pos, got, times = len(data), 0, 0, cl.times
-            while n - pos >= 4:
-                end = pos + 4 + int.from_bytes(data[pos : pos + 4], "big")
-                if end > n:
-                    break
-                reply = _decode(view[pos + 4 : end])
-                lats.append(now - times[reply.id])
-                if reply.status:
-                    errors += 1
-                    first_error = first_error or msgspec.msgpack.decode(reply.body)
-                pos = end
-                got += 1
-            view.release()
-            cl.buf = data[pos:]
-            cl.outstanding -= got
+            got, failed = cl.take_replies(data, now, lats)
+            if failed:
+                errors += failed
+                first_error = first_error or cl.first_error
             more = 0
             if got and now < deadline and sent < max_requests:
                 more = cl.send(min(got, max_requests - sent), now)
