@@ -36,12 +36,15 @@ between its markers by the run that measured it; do not edit by hand. -->
 What shardlite costs on top of what it is built on, measured on one machine. Every section
 measures its baseline in the same run as the figure it compares, and prints the ratio:
 raw apsw for the actor API, a bare trio + msgspec echo server with the same framing for
-the RPC port, a no-op quart-trio endpoint for HTTP. Servers run pinned to CPU 0, load
-generators to CPU 1 (`taskset`). Figures are medians of several runs with [min–max];
+the RPC port, a no-op quart-trio endpoint for HTTP, PostgreSQL 15 for durable writes.
+Servers run as one process pinned to CPU 0 and load generators on CPU 1 (`taskset`),
+except in the router section, which compares one process with two and so runs unpinned.
+Figures are medians of several runs with [min–max];
 latencies are p50/p99. This box is noisy (a virtual machine on shared hardware): trust
 ratios more than absolute figures, and factors of two more than ten percent.
 
-Run everything with `python -m benchmarks` (about ten minutes), one section with
+Run everything with `python -m benchmarks` (about an hour: the durable section is most
+of it), one section with
 `python -m benchmarks rpc`, a smoke run with `python -m benchmarks --quick` (seconds;
 it does not touch this file unless `--write` is given). These are measurements, not
 tests: nothing asserts a time.
