@@ -1,9 +1,9 @@
 """``durability=log``: the shard log makes many keys' writes durable with one flush.
 
 Per batch (on the event loop, inside the batch's transaction, before COMMIT): reserve an
-LSN from the shard's log, write it into the actor file's ``_shardlite_lsn`` row, read
-back the row images the batch changed (``RowCapture``) and append them to the shard's
-log buffer as one record. After COMMIT the replies wait until the shard's flusher has
+LSN from the shard's log, read back the row images the batch changed (``RowCapture``),
+write the LSN into the actor file's ``_shardlite_lsn`` row (not part of the record:
+replay writes it) and append the images to the shard's log buffer as one record. After COMMIT the replies wait until the shard's flusher has
 written and fdatasync'ed a round that covers that LSN: one flush per round for every
 key of the shard. Reads wait for the LSN of the actor's last write.
 
