@@ -59,7 +59,6 @@ from .common import (
     header,
     md_table,
     num,
-    percentile,
     python_cmd,
     ratio,
     run_json,
@@ -158,17 +157,7 @@ def load(
     for cl in clients:
         cl.sock.close()
     ep.close()
-    lats.sort()
-    return {
-        "requests": len(lats),
-        "seconds": wall,
-        "rps": len(lats) / wall if wall else 0.0,
-        "p50_ms": percentile(lats, 50) * 1e3,
-        "p99_ms": percentile(lats, 99) * 1e3,
-        "errors": errors,
-        "first_error": first_error,
-        "gen_cpu_util": cpu / wall if wall else 0.0,
-    }
+    return rpc_load.summary(lats, errors, first_error, wall, cpu)
 
 
 def _frames(spec: dict[str, Any]) -> list[tuple[int, list[tuple[bytes, bytes]]]]:

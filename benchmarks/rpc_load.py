@@ -193,6 +193,13 @@ def run(
     for cl in clients:
         cl.sock.close()
     ep.close()
+    return summary(lats, errors, first_error, wall, cpu)
+
+
+def summary(
+    lats: list[float], errors: int, first_error: Any, wall: float, cpu: float
+) -> dict[str, Any]:
+    """The JSON a load run prints: throughput, latency percentiles, errors, its own CPU."""
     lats.sort()
     return {
         "requests": len(lats),
