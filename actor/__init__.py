@@ -4,6 +4,9 @@ Public API for the layers above (``router/``, ``shards/``); nothing here imports
 """
 
 from ._actor import Actor, Call, Exclusive, Sink, State
+from ._app import Actor as ActorBase
+from ._app import App, load_app, method, workflow
+from ._appruntime import AppRuntime
 from ._config import ActorConfig, Durability
 from ._durability import FsyncDurability, OsDurability, fdatasync_wal, make_durability
 from ._errors import (
@@ -13,12 +16,14 @@ from ._errors import (
     Error,
     Forbidden,
     Internal,
+    MethodError,
     MethodNotAllowed,
     Moved,
     NotFound,
     Overloaded,
     QuotaExceeded,
     SqlError,
+    StepFailed,
     Timeout,
     TooLarge,
     Unauthorized,
@@ -31,6 +36,8 @@ from ._logdurability import LogDurability
 from ._ops import (
     Batch,
     BatchResult,
+    CallMethod,
+    CallResult,
     Deleted,
     ExportResult,
     KvDelete,
@@ -46,20 +53,31 @@ from ._ops import (
     Sql,
     SqlResult,
     Statement,
+    StepInfo,
     Value,
+    WorkflowGet,
+    WorkflowInfo,
+    WorkflowItems,
+    WorkflowList,
 )
 from ._pool import ActorPool, Waiter, open_actor_pool
+from ._workflow import Workflow
 
 __all__ = [
     "ERRORS_BY_CODE",
     "MAX_KEY_BYTES",
     "Actor",
+    "ActorBase",
     "ActorConfig",
     "ActorPool",
+    "App",
+    "AppRuntime",
     "BadRequest",
     "Batch",
     "BatchResult",
     "Call",
+    "CallMethod",
+    "CallResult",
     "Constraint",
     "Deleted",
     "Durability",
@@ -77,6 +95,7 @@ __all__ = [
     "KvPut",
     "KvValue",
     "LogDurability",
+    "MethodError",
     "MethodNotAllowed",
     "Moved",
     "NotFound",
@@ -92,19 +111,29 @@ __all__ = [
     "SqlResult",
     "State",
     "Statement",
+    "StepFailed",
+    "StepInfo",
     "Timeout",
     "TooLarge",
     "Unauthorized",
     "Unavailable",
     "Value",
     "Waiter",
+    "Workflow",
+    "WorkflowGet",
+    "WorkflowInfo",
+    "WorkflowItems",
+    "WorkflowList",
     "WrongShard",
     "error_from_dict",
     "fdatasync_wal",
     "key_hash",
     "key_to_relpath",
+    "load_app",
     "make_durability",
+    "method",
     "open_actor_pool",
     "relpath_to_key",
     "validate_key",
+    "workflow",
 ]

@@ -39,6 +39,7 @@ from ._errors import (
     SqlError,
     Timeout,
     TooLarge,
+    no_class_error,
 )
 from ._ops import (
     MAX_KV_LIST_LIMIT,
@@ -46,6 +47,7 @@ from ._ops import (
     Batch,
     BatchResult,
     Deleted,
+    Inline,
     KvDelete,
     KvGet,
     KvItems,
@@ -93,6 +95,9 @@ _ROLLBACK = internal_sql("ROLLBACK")
 _SAVEPOINT = internal_sql("SAVEPOINT call")
 _RELEASE = internal_sql("RELEASE call")
 _ROLLBACK_TO = internal_sql("ROLLBACK TO call")
+_KV_OPS = frozenset((KvGet, KvPut, KvDelete, KvList))
+_ONE_STATEMENT = frozenset((Sql, *_KV_OPS))
+"""Operations that run one statement: they need no savepoint of their own."""
 
 
 class Sink(Protocol):
@@ -121,7 +126,7 @@ class Call:
     __slots__ = ("idem", "op", "sink", "tag")
 
     def __init__(
-        self, op: Op | Exclusive, sink: Sink, tag: Any = None, idem: str | None = None
+        self, op: Op | Exclusive | Inline, sink: Sink, tag: Any = None, idem: str | None = None
     ) -> None:
         self.op = op
         self.sink = sink
@@ -198,6 +203,12 @@ class Actor:
         self.schema_changed = False  # the running batch changes the schema or header
         self._schema_sql: dict[str, None] = {}  # texts of statements that do
         self._idem_count = 0
+        # actor classes (see _appruntime.py): set by the pool when an app is configured
+        self.app: Any = None  # the ClassInfo serving this key, or None
+        self.runtime: Any = None  # the AppRuntime
+        self.instance: Any = None  # the class's instance while the file is open
+        self.app_ready = False  # instance made and migrations run since the open
+        self.alarms_dirty = False  # the running transaction changed alarms
         # counters for statistics()
         self.batches = 0
         self.calls = 0
@@ -290,6 +301,8 @@ class Actor:
         released it. After a checkpoint the close itself is quick: run it inline.
         """
         conn, self.conn, self._cursor = self.conn, None, None
+        self.instance = None
+        self.app_ready = False
         try:
             if conn is not None:
                 conn.close()
@@ -407,6 +420,11 @@ class Actor:
         if not calls:
             return
         self.batches += 1
+        if self.app is not None and not self.app_ready:
+            error = self.runtime.prepare(self)  # the instance; migrations in a transaction
+            if error is not None:
+                deliver(calls, [error] * len(calls))
+                return
         try:
             results = self._run_transaction(calls)
         except Exception as exc:  # a bug: fail this batch, reset the actor, keep the shard up
@@ -421,14 +439,70 @@ class Actor:
         self.calls += len(calls)
         wrote, self._wrote = self._wrote, False
         self.durability.committed(self, calls, results, wrote)
-        if self.schema_changed:
-            self.schema_changed = False
-            if self.capture is not None and not self.broken:
-                self.reload_tables()  # the batch may have made or dropped tables
+        if self.alarms_dirty:
+            self.runtime.alarms_changed(self)  # inline, right after COMMIT (see _alarms.py)
+        self._after_schema_change()
 
     def _commit(self) -> None:
         self.durability.before_commit(self)  # durability=log: the batch's LSN and record
         self._internal(_COMMIT)
+
+    def run_own_transaction(self, fn: Callable[[], None]) -> Error | None:
+        """Run ``fn`` (a migration) in a transaction of its own, committed through the
+        durability policy like a batch without replies; its error, if it failed."""
+        conn = self.conn
+        assert conn is not None
+        self._internal(_BEGIN)
+        try:
+            fn()
+            self._commit()
+        except (Error, apsw.Error) as exc:
+            if not conn.get_autocommit():
+                self._rollback()
+            else:
+                self.durability.rolled_back(self)
+            self.schema_changed = False
+            self.alarms_dirty = False
+            return exc if isinstance(exc, Error) else _map_error(exc, self._auth)
+        wrote, self._wrote = self._wrote, False
+        self.durability.committed(self, [], [], wrote)
+        self._after_schema_change()
+        return None
+
+    def begin_exclusive(self) -> None:
+        """Open the transaction of an exclusive call (an async method)."""
+        self.batches += 1
+        self._internal(_BEGIN)
+
+    def finish_exclusive(
+        self, calls: list[Call], results: list[Result | Error], *, commit: bool
+    ) -> None:
+        """Commit (or roll back) an exclusive call's transaction; its replies go through
+        the durability policy like a batch's."""
+        conn = self.conn
+        assert conn is not None
+        self.calls += len(calls)
+        if commit and not conn.get_autocommit():
+            try:
+                self._commit()
+            except apsw.Error as exc:
+                results = [_map_error(exc, self._auth)] * len(calls)
+                commit = False
+        if not commit:
+            if not conn.get_autocommit():
+                self._rollback()
+            else:
+                self.durability.rolled_back(self)
+            self.alarms_dirty = False
+        wrote, self._wrote = self._wrote, False
+        self.durability.committed(self, calls, results, wrote)
+        self._after_schema_change()
+
+    def _after_schema_change(self) -> None:
+        if self.schema_changed:
+            self.schema_changed = False
+            if self.capture is not None and not self.broken:
+                self.reload_tables()  # the batch may have made or dropped tables
 
     def _rollback(self) -> None:
         self._internal(_ROLLBACK)
@@ -496,7 +570,7 @@ class Actor:
         conn = self.conn
         assert conn is not None
         op: Op = call.op  # type: ignore[assignment]
-        self._single = single = type(op) is not Batch
+        self._single = single = type(op) in _ONE_STATEMENT
         self._call_wrote = False
         if not single:
             self._internal(_SAVEPOINT)
@@ -584,7 +658,11 @@ class Actor:
                     err.details["index"] = i
                     raise err from None
             return BatchResult(results)
-        return self._apply_kv(op)
+        if type(op) in _KV_OPS:
+            return self._apply_kv(op)
+        if self.runtime is None:
+            raise no_class_error(self.key, op)
+        return self.runtime.apply(self, op)  # type: ignore[no-any-return]
 
     def _exec_sql(self, sql: str, params: Params) -> SqlResult:
         conn = self.conn

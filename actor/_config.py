@@ -21,6 +21,7 @@ DEFAULT_LOG_SEGMENT_BYTES = 16 << 20
 DEFAULT_LOG_TRIM_BYTES = 64 << 20
 DEFAULT_LOG_CHECKPOINT_INTERVAL_S = 30.0
 DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600.0
+DEFAULT_CALL_TIMEOUT_S = 30.0
 
 
 class Durability(enum.Enum):
@@ -57,5 +58,7 @@ class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """The log is trimmed at least this often, however small it is."""
     idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S
     """How long an idempotency key's result is kept for retries."""
+    call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S
+    """How long an async method (or async alarm handler) may hold its actor."""
     vfs: str | None = None
     """Name of a registered apsw VFS to open files with (fault-injection tests only)."""

@@ -28,8 +28,8 @@ _LSN_INIT = internal_sql("INSERT OR IGNORE INTO _shardlite_lsn (id, lsn) VALUES 
 LSN_GET = internal_sql("SELECT lsn FROM _shardlite_lsn WHERE id = 1")
 LSN_SET = internal_sql("UPDATE _shardlite_lsn SET lsn = ? WHERE id = 1")
 """The shard-log position the file holds (durability=log), written with each batch."""
-_META_GET = internal_sql("SELECT value FROM _shardlite_meta WHERE name = ?")
-_META_PUT = internal_sql("INSERT OR REPLACE INTO _shardlite_meta (name, value) VALUES (?, ?)")
+META_GET = internal_sql("SELECT value FROM _shardlite_meta WHERE name = ?")
+META_PUT = internal_sql("INSERT OR REPLACE INTO _shardlite_meta (name, value) VALUES (?, ?)")
 _HAS_META = internal_sql(
     "SELECT count(*) FILTER (WHERE name = '_shardlite_meta'), count(*) FROM sqlite_schema WHERE type = 'table'"
 )
@@ -77,7 +77,7 @@ def _check_or_init_meta(
     try:
         has_meta, tables = conn.execute(_HAS_META).fetchall()[0]
         if has_meta:
-            rows = conn.execute(_META_GET, ("key",)).fetchall()
+            rows = conn.execute(META_GET, ("key",)).fetchall()
             if rows and rows[0][0] == key:
                 if not conn.table_exists("main", "_shardlite_idem"):
                     with conn:  # a file from an earlier version of shardlite
@@ -98,7 +98,7 @@ def _check_or_init_meta(
             conn.execute(LSN_DDL)
             conn.execute(_LSN_INIT, (initial_lsn,))
             conn.execute(IDEM_DDL)
-            conn.execute(_META_PUT, ("key", key))
-            conn.execute(_META_PUT, ("format", FORMAT_VERSION))
+            conn.execute(META_PUT, ("key", key))
+            conn.execute(META_PUT, ("format", FORMAT_VERSION))
     finally:
         auth.trusted = False

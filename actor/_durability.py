@@ -37,6 +37,8 @@ class DurabilityPolicy(Protocol):
     """What the actor and the pool ask of a durability mode (the seam of the shard log)."""
 
     on_released: Callable[[Actor], None]
+    recovered_alarms: dict[str, dict[str, float | None]]
+    """Per shard attached: next alarm times recovery found in the files it opened."""
 
     async def attach_shard(self, directory: str) -> None:
         """Before a shard serves: recover whatever its log holds."""
@@ -79,10 +81,13 @@ class _PerFileDurability:
     def __init__(self, config: ActorConfig) -> None:
         self.config = config
         self.on_released: Callable[[Actor], None] = lambda actor: None
+        self.recovered_alarms: dict[str, dict[str, float | None]] = {}
 
     async def attach_shard(self, directory: str) -> None:
         # a shard that ran with durability=log may hold records its files lack
-        await trio.to_thread.run_sync(drain_shard_log, directory, self.config)
+        self.recovered_alarms[directory] = await trio.to_thread.run_sync(
+            drain_shard_log, directory, self.config
+        )
 
     def creation_lsn(self, actor: Actor) -> int:
         return 0

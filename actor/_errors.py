@@ -150,10 +150,37 @@ class Internal(Error):
     status = 500
 
 
+class MethodError(Error):
+    """An actor-class method (or alarm handler) raised an exception of its own; the
+    message names the exception. Its writes were rolled back."""
+
+    code = "method_error"
+    status = 500
+
+
+class StepFailed(Error):
+    """A workflow step failed after its retries (raised into the workflow body)."""
+
+    code = "step_failed"
+    status = 500
+
+
+def no_class_error(key: str, op: Any) -> NotFound:
+    """The error for a class operation (a method call) on a key no actor class serves."""
+    method = getattr(op, "method", None)
+    has = f", so it has no method {method!r}" if isinstance(method, str) else ""
+    return NotFound(
+        f"no actor class serves {key!r}{has} (actor classes are configured with "
+        "`shardlite serve --app MODULE:CLASS`)"
+    )
+
+
 ERRORS_BY_CODE: dict[str, type[Error]] = {
     cls.code: cls
     for cls in (
         Error,
+        MethodError,
+        StepFailed,
         BadRequest,
         Unauthorized,
         Forbidden,

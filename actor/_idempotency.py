@@ -19,7 +19,17 @@ import apsw
 import msgspec
 
 from ._errors import BadRequest
-from ._ops import BatchResult, Deleted, KvItems, KvOk, KvValue, Result, SqlResult
+from ._ops import (
+    BatchResult,
+    CallResult,
+    Deleted,
+    KvItems,
+    KvOk,
+    KvValue,
+    Result,
+    SqlResult,
+    WorkflowInfo,
+)
 from ._sandbox import internal_sql
 
 MAX_IDEMPOTENCY_KEY_BYTES = 256
@@ -46,6 +56,8 @@ _TYPES: dict[str, type[msgspec.Struct]] = {
     "kv_ok": KvOk,
     "deleted": Deleted,
     "kv_items": KvItems,
+    "call": CallResult,
+    "workflow": WorkflowInfo,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 _encode = msgspec.msgpack.Encoder().encode

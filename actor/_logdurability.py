@@ -91,6 +91,10 @@ class LogDurability:
         self._nursery: trio.Nursery | None = None
         self.recovered_records = 0
         self.recovered_actors = 0
+        self.recovered_alarms: dict[str, dict[str, float | None]] = {}
+        """Per shard: the next alarm of every file recovery opened (for the alarm index)."""
+        self.before_trim: Callable[[str], None] | None = None
+        """Blocking, before the log of a shard is trimmed (the alarm index's sync)."""
 
     # ------------------------------------------------------------------ shards
 
@@ -100,7 +104,10 @@ class LogDurability:
             return
         shard_log = ShardLog(os.path.join(directory, LOG_DIR), self.config.log_segment_bytes)
         recovered = await trio.to_thread.run_sync(shard_log.open)
-        replayed = await trio.to_thread.run_sync(replay_shard, directory, recovered, self.config)
+        replayed, alarms = await trio.to_thread.run_sync(
+            replay_shard, directory, recovered, self.config
+        )
+        self.recovered_alarms[directory] = alarms
         self.recovered_records += recovered.count
         self.recovered_actors += replayed
         if recovered.count:
@@ -284,6 +291,10 @@ class LogDurability:
             await trio.lowlevel.checkpoint()
         below = min(shard.unsynced.values(), default=shard.log.next_lsn())
         below = min(below, shard.flushed_lsn + 1)
+        if self.before_trim is not None:
+            # every record below `below` was committed before now, and its alarm change
+            # noted in the index inline: sync the index, then drop those records
+            await trio.to_thread.run_sync(self.before_trim, shard.directory)
         shard.trimmed_segments += await trio.to_thread.run_sync(shard.log.trim, below)
 
     def sync_file(self, actor: Actor) -> None:
@@ -313,23 +324,26 @@ class LogDurability:
         }
 
 
-def drain_shard_log(directory: str, config: ActorConfig) -> None:
+def drain_shard_log(directory: str, config: ActorConfig) -> dict[str, float | None]:
     """For a shard that will not use its log (durability os/fsync): replay what it holds
     into the actor files, then delete its segments (the epoch file stays: LSNs must keep
     growing if the shard goes back to durability=log). Blocking."""
     log_dir = os.path.join(directory, LOG_DIR)
     if not os.path.isdir(log_dir):
-        return
+        return {}
     shard_log = ShardLog(log_dir, config.log_segment_bytes)
     recovered = shard_log.open()
     try:
-        replay_shard(directory, recovered, config)
+        _, alarms = replay_shard(directory, recovered, config)
         shard_log.trim(shard_log.next_lsn())
     finally:
         shard_log.close()
+    return alarms
 
 
-def replay_shard(directory: str, recovered: Recovered, config: ActorConfig) -> int:
+def replay_shard(
+    directory: str, recovered: Recovered, config: ActorConfig
+) -> tuple[int, dict[str, float | None]]:
     """Bring every actor file of the shard up to the log. Blocking: runs before serving.
 
     For each key with records: open its file (a missing file was deleted: its records
@@ -337,8 +351,12 @@ def replay_shard(directory: str, recovered: Recovered, config: ActorConfig) -> i
     triggers and foreign keys off (the records hold their effects) and DEFENSIVE off (the
     records may write FTS5 shadow tables), then checkpoint and close: the file is now
     durable on its own and those records will never be needed again.
+
+    Returns how many files were brought up to date, and the next alarm time of every
+    file opened that has an alarms table (the alarm index may have missed those).
     """
     replayed = 0
+    alarms: dict[str, float | None] = {}
     for key, records in recovered.records.items():
         try:
             path = resolve_actor_path(directory, key)
@@ -353,6 +371,7 @@ def replay_shard(directory: str, recovered: Recovered, config: ActorConfig) -> i
             file_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
             todo = [r for r in records if r.lsn > file_lsn]
             if not todo:
+                _note_alarms(conn, key, alarms)
                 continue
             conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
             conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
@@ -369,10 +388,17 @@ def replay_shard(directory: str, recovered: Recovered, config: ActorConfig) -> i
                         ) from exc
                 conn.execute(LSN_SET, (todo[-1].lsn,))
             conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            _note_alarms(conn, key, alarms)
             replayed += 1
         finally:
             conn.close()
-    return replayed
+    return replayed, alarms
+
+
+def _note_alarms(conn: apsw.Connection, key: str, into: dict[str, float | None]) -> None:
+    if conn.table_exists("main", "_shardlite_alarms"):
+        at = conn.execute("SELECT min(at) FROM _shardlite_alarms").fetchall()[0][0]
+        into[key] = None if at is None else float(at)
 
 
 __all__ = ["LogDurability", "drain_shard_log", "replay_shard", "sync_wal"]

@@ -6,6 +6,7 @@ envelope), so they are tagged and array-like: ``["sql", "SELECT ?", [1]]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import msgspec
@@ -56,7 +57,33 @@ class KvList(msgspec.Struct, tag="kv_list", array_like=True, frozen=True):
     after: str | None = None
 
 
-Op: TypeAlias = Sql | Batch | KvGet | KvPut | KvDelete | KvList
+class CallMethod(msgspec.Struct, tag="call", array_like=True, frozen=True):
+    """Call a method of the key's actor class (``@shardlite.method``), or start a
+    ``@shardlite.workflow`` (then ``workflow_id`` names the run: starting it again with
+    the same id returns the first run's status instead of starting another)."""
+
+    method: str
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    workflow_id: str | None = None
+
+
+class WorkflowList(msgspec.Struct, tag="workflows", array_like=True, frozen=True):
+    """The workflows of an actor, newest first (``status``: only those in that state)."""
+
+    status: str | None = None
+    limit: int = 100
+
+
+class WorkflowGet(msgspec.Struct, tag="workflow", array_like=True, frozen=True):
+    """One workflow with its journal of steps."""
+
+    id: str
+
+
+Op: TypeAlias = (
+    Sql | Batch | KvGet | KvPut | KvDelete | KvList | CallMethod | WorkflowList | WorkflowGet
+)
 """An operation that runs inside the actor's transaction."""
 
 
@@ -97,7 +124,67 @@ class ExportResult(msgspec.Struct, array_like=True):
     data: bytes
 
 
-Result: TypeAlias = SqlResult | BatchResult | KvValue | KvOk | Deleted | KvItems | ExportResult
+class Inline:
+    """A runtime-internal operation (never on the wire): ``fn(actor)`` runs inside the
+    actor's transaction, in a savepoint, and returns the call's result."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+
+class FireAlarms(Inline):
+    """Run the key's due alarms (submitted by the alarm scheduler)."""
+
+
+class CallResult(msgspec.Struct, array_like=True):
+    """What a method returned (any msgspec-encodable value)."""
+
+    value: Any
+
+
+class StepInfo(msgspec.Struct):
+    """One journalled step of a workflow."""
+
+    seq: int
+    name: str
+    status: str  # "done" | "failed" | "retrying" | "sleeping"
+    attempts: int
+    result: Any = None
+    error: str | None = None
+    updated: float = 0.0
+
+
+class WorkflowInfo(msgspec.Struct):
+    """A workflow run of an actor: ``status`` is running, sleeping, completed or failed."""
+
+    id: str
+    method: str
+    status: str
+    created: float
+    updated: float
+    result: Any = None
+    error: str | None = None
+    steps: list[StepInfo] = []
+
+
+class WorkflowItems(msgspec.Struct, array_like=True):
+    items: list[WorkflowInfo]
+
+
+Result: TypeAlias = (
+    SqlResult
+    | BatchResult
+    | KvValue
+    | KvOk
+    | Deleted
+    | KvItems
+    | ExportResult
+    | CallResult
+    | WorkflowInfo
+    | WorkflowItems
+)
 
 MAX_KV_NAME_BYTES = 2048
 MAX_KV_LIST_LIMIT = 1000

@@ -26,11 +26,14 @@ import apsw
 import trio
 
 from ._actor import Actor, Call, Exclusive, Sink, State, _map_error, sync_directory
+from ._app import App
+from ._appruntime import DELIVERED, AppRuntime
 from ._config import ActorConfig
 from ._durability import DurabilityPolicy, make_durability
 from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
 from ._keys import resolve_actor_path, validate_key
-from ._ops import Deleted, ExportResult, Op
+from ._logdurability import LogDurability
+from ._ops import Deleted, ExportResult, Inline, Op
 
 log = logging.getLogger("shardlite.actor")
 
@@ -87,6 +90,7 @@ class ActorPool:
         config: ActorConfig,
         locate: Callable[[str], str],
         durability: DurabilityPolicy | None = None,
+        app: App | None = None,
     ) -> None:
         self.config = config
         self._locate = locate
@@ -100,6 +104,13 @@ class ActorPool:
         self._closing = 0
         self._open_limiter = trio.CapacityLimiter(CREATE_THREADS)
         self.closing = False
+        self.runtime: AppRuntime | None = None
+        if app is not None:
+            self.runtime = AppRuntime(app, config)
+            self.runtime.pool = self
+            self.runtime.scheduler.fire = self.runtime.fire
+            if isinstance(self.durability, LogDurability):
+                self.durability.before_trim = self.runtime.scheduler.sync_index
         # counters for statistics()
         self.opened = 0
         self.evicted = 0
@@ -136,11 +147,21 @@ class ActorPool:
             validate_key(key)
             path = resolve_actor_path(self._locate(key), key)
             actor = Actor(key, path, self.config, self.durability)
+            if self.runtime is not None:
+                self.runtime.bind(actor)
             self._actors[key] = actor
         else:
             self._actors.move_to_end(key)
+        if actor.app is not None:
+            for call in calls:
+                self.runtime.convert(actor, call)  # type: ignore[union-attr]
         actor.mailbox.extend(calls)
         self._schedule(actor)
+
+    def path_of(self, key: str) -> str:
+        """Where ``key``'s actor file is (or would be)."""
+        actor = self._actors.get(key)
+        return actor.path if actor is not None else resolve_actor_path(self._locate(key), key)
 
     def _schedule(self, actor: Actor) -> None:
         if not actor.scheduled and actor.state is not State.BUSY and not actor.want_checkpoint:
@@ -150,6 +171,9 @@ class ActorPool:
     async def attach_shard(self, directory: str) -> None:
         """Serve the shard in ``directory``: recover what its log holds first."""
         await self.durability.attach_shard(directory)
+        found = self.durability.recovered_alarms.pop(directory, {})
+        if self.runtime is not None:
+            await self.runtime.scheduler.attach(directory, found)
 
     def wake_runner(self) -> None:
         """Let the runner task run what is queued, once the current tasks have yielded."""
@@ -204,7 +228,7 @@ class ActorPool:
             self._runner_wake.set()
 
     async def call(
-        self, key: str, op: Op | Exclusive, *, idempotency_key: str | None = None
+        self, key: str, op: Op | Exclusive | Inline, *, idempotency_key: str | None = None
     ) -> Any:
         """Run one operation on ``key``'s actor and return its result (or raise).
 
@@ -417,6 +441,9 @@ class ActorPool:
             except (apsw.Error, OSError) as exc:
                 log.exception("actor %r: exclusive operation failed", actor.key)
                 result = exc if isinstance(exc, Error) else Internal(str(exc))
+                if actor.conn is not None and not actor.conn.get_autocommit():
+                    actor._rollback()  # an async method's transaction
+                    actor.broken = True
         if actor.conn is None:
             if was_open:
                 self._open -= 1
@@ -425,7 +452,8 @@ class ActorPool:
             if not was_open:
                 self._open += 1
             actor.state = State.OPEN
-        call.sink.deliver(call.tag, result)
+        if result is not DELIVERED:  # an async method delivers through the output gate
+            call.sink.deliver(call.tag, result)
         self._after_busy(actor)
 
     async def _reset(self, actor: Actor) -> None:
@@ -454,7 +482,35 @@ class ActorPool:
                 sync_directory(os.path.dirname(actor.path))
             return existed
 
-        return Deleted(await trio.to_thread.run_sync(unlink))
+        existed = await trio.to_thread.run_sync(unlink)
+        if self.runtime is not None:
+            self.runtime.deleted(actor.key, actor.path)
+        return Deleted(existed)
+
+    async def open_exclusive(self, actor: Actor) -> None:
+        """Open the file of an actor that runs an exclusive call (create it if new)."""
+        if os.path.exists(actor.path):  # noqa: ASYNC240 (a stat, like run_ready's inline open)
+            actor.open()
+        else:
+            open_new = functools.partial(
+                actor.open, initial_lsn=self.durability.creation_lsn(actor)
+            )
+            await trio.to_thread.run_sync(open_new, limiter=self._open_limiter)
+
+    async def sync_if_needed(self, actor: Actor) -> None:
+        """After an exclusive call's commit: an unlogged batch (log mode) is made durable
+        in the actor's own file before anything else runs."""
+        if not actor.needs_file_sync:
+            return
+        lsn = actor.last_lsn
+        try:
+            await trio.to_thread.run_sync(self.durability.sync_file, actor)
+        except OSError as exc:
+            log.error("actor %r: fdatasync failed: %s", actor.key, exc)
+            self._fail_pending(actor, exc)
+            actor.broken = True
+            return
+        self.durability.file_durable(actor, lsn)
 
     async def _export_bytes(self, actor: Actor, max_bytes: int) -> ExportResult:
         if actor.conn is None:
@@ -556,6 +612,7 @@ class ActorPool:
             "batches": self.batches,
             "calls": self.calls,
             "durability": self.durability.statistics(),
+            "app": self.runtime.statistics() if self.runtime is not None else None,
         }
 
 
@@ -583,6 +640,7 @@ async def open_actor_pool(
     durability: DurabilityPolicy | None = None,
     *,
     shards: Sequence[str] = (),
+    app: App | None = None,
 ) -> AsyncIterator[ActorPool]:
     """Run an :class:`ActorPool` with its background tasks; drain and close it on exit.
 
@@ -594,10 +652,12 @@ async def open_actor_pool(
         directory = locate
         shards = (*shards, directory)
         locate = lambda key: directory  # noqa: E731
-    pool = ActorPool(config, locate, durability)
+    pool = ActorPool(config, locate, durability, app)
     async with trio.open_nursery() as nursery:
         pool._nursery = nursery
         await nursery.start(pool.durability.run)
+        if pool.runtime is not None:
+            await nursery.start(pool.runtime.scheduler.run)
         nursery.start_soon(pool._run_runner)
         nursery.start_soon(pool._run_reaper)
         try:
@@ -606,6 +666,8 @@ async def open_actor_pool(
             yield pool
         finally:
             await pool.aclose()
+            if pool.runtime is not None:
+                pool.runtime.scheduler.close()
             nursery.cancel_scope.cancel()
 
 

@@ -9,11 +9,16 @@ Errors raised by the client and the server are :class:`shardlite.Error` subclass
 """
 
 from shardlite.actor import (
+    ActorBase as Actor,
+)
+from shardlite.actor import (
+    App,
     BadRequest,
     Constraint,
     Error,
     Forbidden,
     Internal,
+    MethodError,
     MethodNotAllowed,
     Moved,
     NotFound,
@@ -22,15 +27,19 @@ from shardlite.actor import (
     SqlError,
     SqlResult,
     Statement,
+    StepFailed,
     Timeout,
     TooLarge,
     Unauthorized,
     Unavailable,
+    Workflow,
     WrongShard,
+    method,
+    workflow,
 )
 from shardlite.router import (
-    Actor,
-    AsyncActor,
+    ActorHandle,
+    AsyncActorHandle,
     AsyncClient,
     Client,
     ConnectionLost,
@@ -42,7 +51,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Actor",
-    "AsyncActor",
+    "ActorHandle",
+    "App",
+    "AsyncActorHandle",
     "AsyncClient",
     "BadRequest",
     "Client",
@@ -51,6 +62,7 @@ __all__ = [
     "Error",
     "Forbidden",
     "Internal",
+    "MethodError",
     "MethodNotAllowed",
     "Moved",
     "NotFound",
@@ -59,12 +71,16 @@ __all__ = [
     "SqlError",
     "SqlResult",
     "Statement",
+    "StepFailed",
     "Timeout",
     "TooLarge",
     "Unauthorized",
     "Unavailable",
+    "Workflow",
     "WrongShard",
     "__version__",
     "connect",
     "connect_async",
+    "method",
+    "workflow",
 ]

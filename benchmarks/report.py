@@ -10,6 +10,7 @@ import os
 import re
 
 from . import (
+    bench_actors,
     bench_coldstart,
     bench_durable,
     bench_http,
@@ -21,7 +22,15 @@ from .common import SectionResult
 
 SECTIONS: dict[str, str] = {
     m.NAME: m.TITLE
-    for m in (bench_inprocess, bench_rpc, bench_durable, bench_router, bench_http, bench_coldstart)
+    for m in (
+        bench_inprocess,
+        bench_rpc,
+        bench_durable,
+        bench_router,
+        bench_http,
+        bench_coldstart,
+        bench_actors,
+    )
 }
 DOC = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks.md"

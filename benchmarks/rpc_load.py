@@ -9,7 +9,7 @@ generator. A request frame is built from bytes encoded ahead of time (the length
 As a program (pin it to the load CPU with taskset), it prints one JSON line::
 
     python -m benchmarks.rpc_load --port P --keys 64 --conns 4 --window 64 --seconds 5 \
-        [--draw uniform]
+        [--draw uniform] [--method NAME | --sql TEXT]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from shardlite.actor import Sql
+from shardlite.actor import CallMethod, Sql
 
 from .common import INSERT_SQL, percentile
 
@@ -223,8 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--max-requests", type=int, default=10_000_000)
     ap.add_argument("--draw", choices=("cycle", "uniform"), default="cycle")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--method", help="call this actor-class method (no arguments)")
+    what.add_argument("--sql", help="run this statement (no parameters)")
     args = ap.parse_args(argv)
-    frames = templates([key_name(i) for i in range(args.keys)], insert_op)
+    op_for: Any = insert_op
+    if args.method:
+        op_for = lambda i: CallMethod(args.method)  # noqa: E731
+    elif args.sql:
+        op_for = lambda i: Sql(args.sql)  # noqa: E731
+    frames = templates([key_name(i) for i in range(args.keys)], op_for)
     result = run(
         args.port,
         frames,

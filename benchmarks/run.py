@@ -3,7 +3,7 @@
     python -m benchmarks [section ...] [--quick] [--runs N] [--write | --no-write]
     python benchmarks/run.py ...
 
-Sections: inprocess, rpc, durable, router, http, coldstart (default: all, in that order).
+Sections: inprocess, rpc, durable, router, http, coldstart, actors (default: all, in that order).
 ``--quick`` is a smoke run of a few seconds per section; it leaves docs/benchmarks.md
 alone unless ``--write`` is given.
 """
@@ -23,6 +23,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     __package__ = "benchmarks"
 
 from benchmarks import (
+    bench_actors,
     bench_coldstart,
     bench_durable,
     bench_http,
@@ -35,7 +36,15 @@ from benchmarks.common import LOAD_CPU, Options, SectionResult
 
 RUNNERS: dict[str, Callable[[Options], SectionResult]] = {
     m.NAME: m.run
-    for m in (bench_inprocess, bench_rpc, bench_durable, bench_router, bench_http, bench_coldstart)
+    for m in (
+        bench_inprocess,
+        bench_rpc,
+        bench_durable,
+        bench_router,
+        bench_http,
+        bench_coldstart,
+        bench_actors,
+    )
 }
 MIN_RUNS = 3
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import click
 import msgspec
 import trio
 
+from shardlite.actor import load_app
 from shardlite.router import DirectoryUnavailable
 from shardlite.shards import (
     SETTINGS,
@@ -25,7 +27,7 @@ from shardlite.shards import (
 )
 from shardlite.shards._settings import DEFAULT_DATA_DIR
 
-from ._output import print_result
+from ._output import jsonable, print_result, print_workflows
 
 
 def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,8 +56,11 @@ def main() -> None:
 @_settings_options
 def serve(**values: Any) -> None:
     """Run a shard server on the embedded default (HTTP :8080, RPC :7070)."""
+    classes = ""
     try:
         settings = settings_from(values)
+        if settings.app:  # fail here, in one line, not in every process
+            classes = f"; actor classes: {load_app(settings.app).describe()}"
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     logging.basicConfig(
@@ -81,7 +86,7 @@ def serve(**values: Any) -> None:
                 detail = f"{procs} shard processes, up to {info.max_open_actors} open actors each"
             click.echo(
                 f"shardlite serving {where} (data {info.data}, durability {info.durability}, "
-                f"{detail}); Ctrl-C to stop",
+                f"{detail}{classes}); Ctrl-C to stop",
             )
             sys.stdout.flush()
 
@@ -113,17 +118,38 @@ def _startup_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _url_option(fn: F) -> F:
+    return click.option(
+        "--url",
+        envvar="SHARDLITE_URL",
+        default="rpc://127.0.0.1:7070",
+        show_default=True,
+        help="Server to talk to (rpc:// or http://).",
+    )(fn)
+
+
+@contextlib.contextmanager
+def _client(url: str) -> Iterator[Any]:
+    """A connected client; errors become one-line ClickExceptions."""
+    import shardlite
+
+    try:
+        with shardlite.connect(url) as client:
+            yield client
+    except shardlite.Error as exc:
+        raise click.ClickException(f"{exc.code}: {exc.message}") from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+
+
 @main.command()
 @click.argument("key")
 @click.argument("sql")
 @click.argument("params", nargs=-1)
-@click.option(
-    "--url",
-    envvar="SHARDLITE_URL",
-    default="rpc://127.0.0.1:7070",
-    show_default=True,
-    help="Server to talk to (rpc:// or http://).",
-)
+@_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def sql(key: str, sql: str, params: tuple[str, ...], url: str, as_json: bool) -> None:
     """Run one SQL statement on actor KEY and print the result.
@@ -131,17 +157,49 @@ def sql(key: str, sql: str, params: tuple[str, ...], url: str, as_json: bool) ->
     PARAMS bind to ? placeholders; each is parsed as JSON when it can be (42, null,
     "text"), else taken as a string.
     """
-    import shardlite
-
     values = [_param(p) for p in params]
-    try:
-        with shardlite.connect(url) as client:
-            result = client.actor(key).sql(sql, values)
-    except shardlite.Error as exc:
-        raise click.ClickException(f"{exc.code}: {exc.message}") from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach {url}: {exc}") from None
+    with _client(url) as client:
+        result = client.actor(key).sql(sql, values)
     print_result(result, as_json)
+
+
+@main.command()
+@click.argument("key")
+@click.argument("method")
+@click.argument("args", nargs=-1)
+@_url_option
+def call(key: str, method: str, args: tuple[str, ...], url: str) -> None:
+    """Call METHOD of actor KEY's class and print what it returned (JSON).
+
+    ARGS are positional arguments, each parsed as JSON when it can be, else a string.
+    """
+    with _client(url) as client:
+        value = client.actor(key).call(method, *[_param(a) for a in args])
+    click.echo(msgspec.json.encode(jsonable(value)).decode())
+
+
+@main.command()
+@click.argument("key")
+@click.argument("workflow_id", required=False)
+@click.option(
+    "--status",
+    type=click.Choice(["running", "sleeping", "completed", "failed"]),
+    help="Only workflows in this state.",
+)
+@click.option("--limit", default=100, show_default=True, help="At most this many workflows.")
+@_url_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def workflows(
+    key: str, workflow_id: str | None, *, status: str | None, limit: int, url: str, as_json: bool
+) -> None:
+    """List actor KEY's workflows, or show one (WORKFLOW_ID) with its steps."""
+    with _client(url) as client:
+        actor = client.actor(key)
+        if workflow_id is None:
+            runs = actor.workflows(status, limit)
+        else:
+            runs = [actor.workflow(workflow_id)]
+    print_workflows(runs, as_json, steps=workflow_id is not None)
 
 
 def _param(text: str) -> Any:

@@ -6,8 +6,8 @@ processes.
 """
 
 from . import _wire as wire
-from ._aclient import AsyncActor, AsyncClient, connect_async
-from ._client import Actor, Client, connect
+from ._aclient import AsyncActorHandle, AsyncClient, connect_async
+from ._client import ActorHandle, Client, connect
 from ._directory import (
     DEFAULT_LEASE_TTL_S,
     Directory,
@@ -36,8 +36,8 @@ from ._protocol import ConnectionLost, parse_url
 __all__ = [
     "DEFAULT_LEASE_TTL_S",
     "DEFAULT_SLOTS",
-    "Actor",
-    "AsyncActor",
+    "ActorHandle",
+    "AsyncActorHandle",
     "AsyncClient",
     "Client",
     "ClusterRecord",

@@ -19,6 +19,7 @@ import msgspec
 from shardlite.actor import (
     BadRequest,
     Batch,
+    CallMethod,
     KvDelete,
     KvGet,
     KvList,
@@ -28,6 +29,9 @@ from shardlite.actor import (
     NotFound,
     SqlResult,
     Statement,
+    WorkflowGet,
+    WorkflowInfo,
+    WorkflowList,
     WrongShard,
     error_from_dict,
 )
@@ -279,7 +283,7 @@ class AsyncHttpTransport:
 
 
 class AsyncKv:
-    def __init__(self, actor: AsyncActor) -> None:
+    def __init__(self, actor: AsyncActorHandle) -> None:
         self._actor = actor
 
     async def get(self, name: str, default: Any = None) -> Any:
@@ -305,7 +309,7 @@ class AsyncKv:
         return items
 
 
-class AsyncActor:
+class AsyncActorHandle:
     def __init__(self, client: AsyncClient, key: str) -> None:
         self.key = key
         self._client = client
@@ -330,6 +334,26 @@ class AsyncActor:
         results: list[SqlResult] = (await self._request(op, idempotency_key)).results
         return results
 
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a method of the key's actor class; returns what it returned."""
+        return (await self._request(CallMethod(method, list(args), kwargs))).value
+
+    async def start_workflow(
+        self, method: str, *args: Any, workflow_id: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Start a ``@shardlite.workflow`` method (idempotent by ``workflow_id``)."""
+        result = await self._request(CallMethod(method, list(args), kwargs, workflow_id))
+        value: dict[str, Any] = result.value
+        return value
+
+    async def workflows(self, status: str | None = None, limit: int = 100) -> list[WorkflowInfo]:
+        items: list[WorkflowInfo] = (await self._request(WorkflowList(status, limit))).items
+        return items
+
+    async def workflow(self, workflow_id: str) -> WorkflowInfo:
+        info: WorkflowInfo = await self._request(WorkflowGet(workflow_id))
+        return info
+
     async def export(self) -> bytes:
         data: bytes = (await self._request(wire.Export())).data
         return data
@@ -353,8 +377,8 @@ class AsyncClient:
             self._transport = AsyncHttpTransport(self.target, timeout)
         self._tg: anyio.abc.TaskGroup | None = None
 
-    def actor(self, key: str) -> AsyncActor:
-        return AsyncActor(self, key)
+    def actor(self, key: str) -> AsyncActorHandle:
+        return AsyncActorHandle(self, key)
 
     async def __aenter__(self) -> AsyncClient:
         self._tg = anyio.create_task_group()

@@ -15,6 +15,7 @@ import msgspec
 from shardlite.actor import (
     BadRequest,
     Batch,
+    CallMethod,
     KvDelete,
     KvGet,
     KvList,
@@ -24,6 +25,9 @@ from shardlite.actor import (
     NotFound,
     SqlResult,
     Statement,
+    WorkflowGet,
+    WorkflowInfo,
+    WorkflowList,
     WrongShard,
 )
 
@@ -190,7 +194,7 @@ class HttpTransport:
 class Kv:
     """The actor's key-value API (stored in a hidden table of its own file)."""
 
-    def __init__(self, actor: Actor) -> None:
+    def __init__(self, actor: ActorHandle) -> None:
         self._actor = actor
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -216,7 +220,7 @@ class Kv:
         return items
 
 
-class Actor:
+class ActorHandle:
     """A handle on one actor key; cheap to create, holds no connection of its own."""
 
     def __init__(self, client: Client, key: str) -> None:
@@ -246,6 +250,30 @@ class Actor:
         op = Batch(proto.statements_of(statements))
         results: list[SqlResult] = self._request(op, idempotency_key).results
         return results
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call a method of the key's actor class; returns what it returned."""
+        return self._request(CallMethod(method, list(args), kwargs)).value
+
+    def start_workflow(
+        self, method: str, *args: Any, workflow_id: str | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Start a ``@shardlite.workflow`` method; starting the same ``workflow_id`` again
+        returns the first run's ``{"workflow_id", "status", ...}`` instead of a new run."""
+        value: dict[str, Any] = self._request(
+            CallMethod(method, list(args), kwargs, workflow_id)
+        ).value
+        return value
+
+    def workflows(self, status: str | None = None, limit: int = 100) -> list[WorkflowInfo]:
+        """The actor's workflow runs, newest first (without their steps)."""
+        items: list[WorkflowInfo] = self._request(WorkflowList(status, limit)).items
+        return items
+
+    def workflow(self, workflow_id: str) -> WorkflowInfo:
+        """One workflow run with its journal of steps."""
+        info: WorkflowInfo = self._request(WorkflowGet(workflow_id))
+        return info
 
     def export(self, path: str | None = None) -> bytes:
         """A consistent copy of the actor's SQLite file (also written to ``path`` if given)."""
@@ -279,8 +307,8 @@ class Client:
         else:
             self._transport = HttpTransport(self.target, timeout)
 
-    def actor(self, key: str) -> Actor:
-        return Actor(self, key)
+    def actor(self, key: str) -> ActorHandle:
+        return ActorHandle(self, key)
 
     def close(self) -> None:
         self._transport.close()

@@ -16,6 +16,8 @@ import msgspec
 from shardlite.actor import (
     Batch,
     BatchResult,
+    CallMethod,
+    CallResult,
     Deleted,
     Error,
     ExportResult,
@@ -31,6 +33,10 @@ from shardlite.actor import (
     SqlResult,
     Statement,
     Unavailable,
+    WorkflowGet,
+    WorkflowInfo,
+    WorkflowItems,
+    WorkflowList,
     error_from_dict,
 )
 
@@ -177,6 +183,18 @@ def http_request(op: wire.WireOp, key: str) -> tuple[str, str, Any, dict[str, An
         if op.after is not None:
             query["after"] = op.after
         return "GET", base + "/kv", None, query
+    if isinstance(op, CallMethod):
+        body: dict[str, Any] = {"args": op.args, "kwargs": op.kwargs}
+        if op.workflow_id is not None:
+            body["workflow_id"] = op.workflow_id
+        return "POST", f"{base}/call/{_segment(op.method)}", body, None
+    if isinstance(op, WorkflowList):
+        wf_query: dict[str, Any] = {"limit": op.limit}
+        if op.status is not None:
+            wf_query["status"] = op.status
+        return "GET", base + "/workflows", None, wf_query
+    if isinstance(op, WorkflowGet):
+        return "GET", f"{base}/workflows/{_segment(op.id)}", None, None
     if isinstance(op, wire.Delete):
         return "DELETE", base, None, None
     if isinstance(op, wire.Export):
@@ -210,6 +228,12 @@ def decode_http_result(op: wire.WireOp, status: int, content_type: str, body: by
         return Deleted(data["deleted"])
     if isinstance(op, KvList):
         return KvItems([(name, value) for name, value in data["items"]])
+    if isinstance(op, CallMethod):
+        return CallResult(data)
+    if isinstance(op, WorkflowList):
+        return WorkflowItems([msgspec.convert(w, WorkflowInfo) for w in data["workflows"]])
+    if isinstance(op, WorkflowGet):
+        return msgspec.convert(data, WorkflowInfo)
     raise TypeError(f"unexpected operation {type(op).__name__}")
 
 

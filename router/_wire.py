@@ -15,6 +15,8 @@ import msgspec
 from shardlite.actor import (
     Batch,
     BatchResult,
+    CallMethod,
+    CallResult,
     Deleted,
     Error,
     ExportResult,
@@ -27,6 +29,10 @@ from shardlite.actor import (
     KvValue,
     Sql,
     SqlResult,
+    WorkflowGet,
+    WorkflowInfo,
+    WorkflowItems,
+    WorkflowList,
 )
 
 from ._placement import PlacementMap
@@ -93,6 +99,9 @@ WireOp: TypeAlias = (
     | KvPut
     | KvDelete
     | KvList
+    | CallMethod
+    | WorkflowList
+    | WorkflowGet
     | Delete
     | Export
     | Ping
@@ -129,6 +138,9 @@ RESULT_TYPES: dict[type, type] = {
     KvPut: KvOk,
     KvDelete: Deleted,
     KvList: KvItems,
+    CallMethod: CallResult,
+    WorkflowList: WorkflowItems,
+    WorkflowGet: WorkflowInfo,
     Delete: Deleted,
     Export: ExportResult,
     Ping: Pong,

@@ -37,6 +37,12 @@ class BatchBody(msgspec.Struct, forbid_unknown_fields=True):
     statements: list[SqlBody]
 
 
+class CallBody(msgspec.Struct, forbid_unknown_fields=True):
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    workflow_id: str | None = None
+
+
 def _reject_ext(code: int, data: memoryview) -> Any:
     raise BadRequest(f"msgpack extension type {code} is not supported")
 
@@ -47,6 +53,8 @@ _json_any = msgspec.json.Decoder()
 _mp_sql = msgspec.msgpack.Decoder(SqlBody, ext_hook=_reject_ext)
 _mp_batch = msgspec.msgpack.Decoder(BatchBody, ext_hook=_reject_ext)
 _mp_any = msgspec.msgpack.Decoder(ext_hook=_reject_ext)
+_json_call = msgspec.json.Decoder(CallBody)
+_mp_call = msgspec.msgpack.Decoder(CallBody, ext_hook=_reject_ext)
 json_encode = msgspec.json.Encoder().encode
 msgpack_encode = msgspec.msgpack.Encoder().encode
 
@@ -77,6 +85,18 @@ def decode_batch(data: bytes, msgpack: bool) -> list[Statement]:
         Statement(s.sql, params_from(s.params, msgpack, f"$.statements[{i}].params"))
         for i, s in enumerate(body.statements)
     ]
+
+
+def decode_call(data: bytes, msgpack: bool) -> CallBody:
+    """A method call: ``{"args": [...], "kwargs": {...}}`` (an empty body: no arguments)."""
+    if not data.strip():
+        return CallBody()
+    body: CallBody = _decode(
+        data, _mp_call if msgpack else _json_call, '{"args": [...], "kwargs": {...}}'
+    )
+    if not msgpack:
+        body = CallBody(blobs_in(body.args), blobs_in(body.kwargs), body.workflow_id)
+    return body
 
 
 def decode_value(data: bytes, msgpack: bool) -> Any:

@@ -25,6 +25,7 @@ from shardlite.actor import (
     ActorPool,
     BadRequest,
     Batch,
+    CallMethod,
     Error,
     Internal,
     KvDelete,
@@ -36,9 +37,11 @@ from shardlite.actor import (
     Overloaded,
     Sql,
     TooLarge,
+    WorkflowGet,
+    WorkflowList,
     validate_key,
 )
-from shardlite.router import ForwardWaiter, wire
+from shardlite.router import wire
 
 from . import _codec as codec
 from ._metrics import Metrics
@@ -106,22 +109,9 @@ def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics
 
     async def dispatch(key: str, op: Any, idempotency_key: str | None = None) -> Any:
         """Run ``op`` here, or on the process that owns ``key`` (one hop)."""
-        where = node.route(key, _epoch_header())
-        if where is None:
-            return await pool.call(key, op, idempotency_key=idempotency_key)
-        if isinstance(where, Error):
-            raise where
-        waiter = ForwardWaiter()
-        node.forwarder.forward(
-            node.forward_address(where),
-            key,
-            op,
-            waiter,
-            None,
-            idempotency_key=idempotency_key,
-            epoch=where.epoch,
+        return await node.call(
+            pool, key, op, idempotency_key=idempotency_key, epoch=_epoch_header()
         )
-        return await waiter.wait(op)
 
     @app.before_request
     async def _start_timer() -> None:
@@ -198,11 +188,25 @@ def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics
 
     @app.route("/v1/actors/<key>/call/<method>", methods=["POST"])
     async def call(key: str, method: str) -> Response:
-        key_of(key)
-        raise NotFound(
-            f"no actor class serves {key!r}, so it has no method {method!r} "
-            "(actor classes are configured with `shardlite serve --app MODULE:CLASS`)"
-        )
+        body_ = codec.decode_call(await body(), codec.is_msgpack(request.content_type))
+        op = CallMethod(method, body_.args, body_.kwargs, body_.workflow_id)
+        result = await dispatch(key_of(key), op, idempotency_key=idempotency_key())
+        return _respond(result.value if _wants_msgpack() else codec.blobs_out(result.value))
+
+    @app.route("/v1/actors/<key>/workflows", methods=["GET"])
+    async def workflows(key: str) -> Response:
+        args = request.args
+        try:
+            limit = int(args.get("limit", "100"))
+        except ValueError:
+            raise BadRequest(f"limit must be an integer, got {args.get('limit')!r}") from None
+        result = await dispatch(key_of(key), WorkflowList(args.get("status"), limit))
+        return _respond({"workflows": codec.result_body(result, _wants_msgpack())["items"]})
+
+    @app.route("/v1/actors/<key>/workflows/<path:workflow_id>", methods=["GET"])
+    async def workflow_get(key: str, workflow_id: str) -> Response:
+        result = await dispatch(key_of(key), WorkflowGet(workflow_id))
+        return _respond(codec.result_body(result, _wants_msgpack()))
 
     @app.route("/v1/actors/<key>/export", methods=["GET"])
     async def export(key: str) -> Response:

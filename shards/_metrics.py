@@ -140,6 +140,43 @@ class _PoolCollector(Collector):
                 "Actors with logged writes not yet durable in their own file.",
                 dur["unsynced_actors"],
             )
+        app = s.get("app")
+        if app is not None:
+            for name, help_text, value in (
+                ("shardlite_method_calls", "Actor-class method calls run.", app["method_calls"]),
+                (
+                    "shardlite_alarms_run",
+                    "Alarm handlers run (retries included).",
+                    app["alarms_run"],
+                ),
+                (
+                    "shardlite_alarm_wakeups",
+                    "Fire calls the alarm scheduler submitted.",
+                    app["fired"],
+                ),
+                (
+                    "shardlite_workflows_started",
+                    "Workflow runners started (resumes included).",
+                    app["workflows_started"],
+                ),
+                (
+                    "shardlite_workflows_completed",
+                    "Workflows completed.",
+                    app["workflows_completed"],
+                ),
+                ("shardlite_workflows_failed", "Workflows failed.", app["workflows_failed"]),
+            ):
+                yield CounterMetricFamily(name, help_text, value)
+            yield GaugeMetricFamily(
+                "shardlite_actors_with_alarms",
+                "Actors with at least one pending alarm (the alarm index).",
+                app["actors_with_alarms"],
+            )
+            yield GaugeMetricFamily(
+                "shardlite_workflows_running",
+                "Workflow runners in this process.",
+                app["workflows_running"],
+            )
         if dur.get("mode") == "fsync":
             yield CounterMetricFamily("shardlite_fsync_rounds", "Flusher rounds.", dur["rounds"])
             yield CounterMetricFamily(

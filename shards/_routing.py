@@ -21,11 +21,12 @@ from typing import Any
 
 import trio
 
-from shardlite.actor import Error, Unavailable, WrongShard
+from shardlite.actor import ActorPool, Error, Unavailable, WrongShard
 from shardlite.router import (
     Directory,
     DirectoryUnavailable,
     Forwarder,
+    ForwardWaiter,
     HostRecord,
     Lease,
     NodeRecord,
@@ -198,6 +199,33 @@ class Node:
 
     def forward_address(self, shard: ShardRecord) -> str:
         return self.placement.nodes[shard.owner].rpc
+
+    async def call(
+        self,
+        pool: ActorPool,
+        key: str,
+        op: Any,
+        *,
+        idempotency_key: str | None = None,
+        epoch: int | None = None,
+    ) -> Any:
+        """Run ``op`` on ``key``'s actor: here, or on the process that owns it (one hop)."""
+        where = self.route(key, epoch)
+        if where is None:
+            return await pool.call(key, op, idempotency_key=idempotency_key)
+        if isinstance(where, Error):
+            raise where
+        waiter = ForwardWaiter()
+        self.forwarder.forward(
+            self.forward_address(where),
+            key,
+            op,
+            waiter,
+            None,
+            idempotency_key=idempotency_key,
+            epoch=where.epoch,
+        )
+        return await waiter.wait(op)
 
     async def status(self, actors_open: int) -> wire.NodeStatus:
         """What ``shardlite ops status`` shows of this process (files counted in a thread)."""

@@ -25,7 +25,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from shardlite.actor import open_actor_pool
+from shardlite.actor import load_app, open_actor_pool
 from shardlite.router import (
     Directory,
     Forwarder,
@@ -184,7 +184,8 @@ async def _serve(
     async with trio.open_nursery() as outer:
         if handle_signals:
             outer.start_soon(stop_on_signal, stopping)
-        async with open_actor_pool(config, _locate_by(holder)) as pool:
+        classes = load_app(settings.app) if settings.app else None
+        async with open_actor_pool(config, _locate_by(holder), app=classes) as pool:
             metrics.watch_pool(pool)
             async with trio.open_nursery() as background:
                 forwarder = Forwarder(background, settings.max_request_bytes)
@@ -202,6 +203,8 @@ async def _serve(
                         attach=pool.attach_shard,
                     )
                     holder.append(node)
+                    if pool.runtime is not None:  # actor classes call others through it
+                        pool.runtime.remote = functools.partial(node.call, pool)
                     await node.adopt(placement)
                     app = create_app(pool, node, settings, metrics)
                     http_urls = await servers.start(

@@ -99,6 +99,20 @@ SETTINGS: tuple[Setting, ...] = (
         "Hash slots of a new cluster (keys map to slots, slots to shards); fixed at creation.",
     ),
     Setting(
+        "app",
+        "",
+        "str",
+        "Actor classes, MODULE:OBJECT: a shardlite.Actor subclass (every key) or a "
+        "shardlite.App (classes by key prefix). Imported with the working directory on the path.",
+    ),
+    Setting(
+        "call_timeout",
+        defaults.DEFAULT_CALL_TIMEOUT_S,
+        "duration",
+        "How long an async actor method (or alarm handler) may run; past it, it is rolled "
+        "back (504 timeout).",
+    ),
+    Setting(
         "durability",
         Durability.LOG.value,
         "choice",
@@ -278,6 +292,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lease_ttl: float = DEFAULT_LEASE_TTL_S
     shards: int = 0
     slots: int = DEFAULT_SLOTS
+    app: str = ""
+    call_timeout: float = defaults.DEFAULT_CALL_TIMEOUT_S
     durability: str = Durability.LOG.value
     statement_timeout: float = defaults.DEFAULT_STATEMENT_TIMEOUT_S
     mailbox_size: int = defaults.DEFAULT_MAILBOX_SIZE
@@ -315,6 +331,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_segment_bytes=self.log_segment_bytes,
             log_trim_bytes=self.log_trim_bytes,
             log_checkpoint_interval_s=self.log_checkpoint_interval,
+            call_timeout_s=self.call_timeout,
         )
 
 

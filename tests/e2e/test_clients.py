@@ -81,7 +81,7 @@ def check_error(exc: BaseException, cls: type[shardlite.Error], code: str) -> No
     assert exc.retryable is False
 
 
-def setup_table(actor: shardlite.Actor) -> None:
+def setup_table(actor: shardlite.ActorHandle) -> None:
     actor.sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL) STRICT")
     actor.sql("INSERT INTO t(id, v) VALUES (1, 'one')")
 
