@@ -12,28 +12,15 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from typing import Any
 
+from shardlite.loadtest._postgres import PostgresServer, find, missing
+
 from .common import LOAD_CPU, SERVER_CPU, percentile
 
-PG_BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin", "/usr/bin")
-CONF = """
-listen_addresses = '127.0.0.1'
-port = {port}
-unix_socket_directories = '{socket_dir}'
-max_connections = {max_connections}
-fsync = on
-synchronous_commit = on
-full_page_writes = on
-shared_buffers = 512MB
-wal_buffers = 16MB
-max_wal_size = 4GB
-checkpoint_timeout = 30min
-"""
 SCHEMA = (
     "CREATE TABLE t(id bigserial PRIMARY KEY, tenant int NOT NULL, v bigint NOT NULL); "
     "CREATE INDEX t_tenant ON t(tenant);"
@@ -45,29 +32,14 @@ SCRIPT = (
 )
 
 
-def find(name: str) -> str | None:
-    for d in PG_BIN_DIRS:
-        path = os.path.join(d, name)
-        if os.access(path, os.X_OK):
-            return path
-    return shutil.which(name)
-
-
 def available() -> str:
     """'' when initdb, pg_ctl, psql and pgbench are all found, else what is missing."""
-    missing = [n for n in ("initdb", "pg_ctl", "psql", "pgbench") if find(n) is None]
-    return ", ".join(missing)
+    return missing(("initdb", "pg_ctl", "psql", "pgbench"))
 
 
 def version() -> str:
     cmd = [find("postgres") or "postgres", "--version"]
     return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tree_cpu(root: int) -> float:
@@ -89,55 +61,22 @@ def _tree_cpu(root: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-class Cluster:
+class Cluster(PostgresServer):
     """``with Cluster(...) as pg``: initdb'ed and removed on exit; start()/stop() per run."""
 
     def __init__(self, max_connections: int = 300) -> None:
-        self.dir = tempfile.mkdtemp(prefix="shardlite-pg-")
-        self.data = os.path.join(self.dir, "data")
-        self.port = _free_port()
-        self.pid = 0
-        root = os.geteuid() == 0
-        self.as_user = ["runuser", "-u", "postgres", "--"] if root else []
-        if root:
-            shutil.chown(self.dir, "postgres", "postgres")
-        self._run(find("initdb"), "-D", self.data, "-U", "postgres", "--auth=trust", "-N")
-        conf = CONF.format(port=self.port, socket_dir=self.dir, max_connections=max_connections)
-        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
-            f.write(conf)
+        super().__init__(
+            tempfile.mkdtemp(prefix="shardlite-pg-"),
+            max_connections=max_connections,
+            cpus=SERVER_CPU,
+        )
+        self.init()
         self.start()
         try:
             self.psql("postgres", "CREATE DATABASE bench")
             self.psql("bench", SCHEMA)
         finally:
             self.stop()
-
-    def _run(self, *cmd: str | None, user: bool = True, timeout: float = 120) -> str:
-        argv = [*(self.as_user if user else []), *(c for c in cmd if c is not None)]
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stderr}")
-        return proc.stdout
-
-    def psql(self, db: str, sql: str) -> str:
-        return self._run(
-            find("psql"),
-            *("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", db),
-            *("-v", "ON_ERROR_STOP=1", "-qAt", "-c", sql),
-            user=False,
-        )
-
-    def start(self) -> None:
-        log = os.path.join(self.dir, "server.log")
-        pg_ctl = find("pg_ctl")
-        self._run("taskset", "-c", SERVER_CPU, pg_ctl, "-D", self.data, "-l", log, "-w", "start")
-        with open(os.path.join(self.data, "postmaster.pid")) as f:
-            self.pid = int(f.readline())
-
-    def stop(self) -> None:
-        if self.pid:
-            self._run(find("pg_ctl"), "-D", self.data, "-m", "fast", "-w", "-t", "120", "stop")
-            self.pid = 0
 
     def __enter__(self) -> Cluster:
         return self

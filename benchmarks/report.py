@@ -15,6 +15,7 @@ from . import (
     bench_durable,
     bench_http,
     bench_inprocess,
+    bench_loadtest,
     bench_router,
     bench_rpc,
 )
@@ -30,6 +31,7 @@ SECTIONS: dict[str, str] = {
         bench_http,
         bench_coldstart,
         bench_actors,
+        bench_loadtest,
     )
 }
 DOC = os.path.join(

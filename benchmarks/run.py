@@ -3,7 +3,7 @@
     python -m benchmarks [section ...] [--quick] [--runs N] [--write | --no-write]
     python benchmarks/run.py ...
 
-Sections: inprocess, rpc, durable, router, http, coldstart, actors (default: all, in that order).
+Sections: inprocess, rpc, durable, router, http, coldstart, actors, loadtest (default: all, in that order).
 ``--quick`` is a smoke run of a few seconds per section; it leaves docs/benchmarks.md
 alone unless ``--write`` is given.
 """
@@ -28,6 +28,7 @@ from benchmarks import (
     bench_durable,
     bench_http,
     bench_inprocess,
+    bench_loadtest,
     bench_router,
     bench_rpc,
     report,
@@ -44,6 +45,7 @@ RUNNERS: dict[str, Callable[[Options], SectionResult]] = {
         bench_http,
         bench_coldstart,
         bench_actors,
+        bench_loadtest,
     )
 }
 MIN_RUNS = 3

@@ -14,6 +14,7 @@ import msgspec
 import trio
 
 from shardlite.actor import load_app
+from shardlite.loadtest import loadtest
 from shardlite.router import DirectoryUnavailable
 from shardlite.shards import (
     SETTINGS,
@@ -241,6 +242,9 @@ def status(data: str, directory: str, as_json: bool) -> None:
         click.echo(msgspec.json.encode(report).decode())
     else:
         print_status(report)
+
+
+main.add_command(loadtest)
 
 
 @main.command()

@@ -13,7 +13,12 @@ import pytest
 from shardlite.shards import SETTINGS, settings_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = {"actor": set(), "router": {"actor"}, "shards": {"actor", "router"}}
+LAYERS = {
+    "actor": set(),
+    "router": {"actor"},
+    "shards": {"actor", "router"},
+    "loadtest": {"actor", "router"},
+}
 
 
 def _imports(folder: Path) -> set[str]:

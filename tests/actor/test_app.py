@@ -117,6 +117,14 @@ class Alarmed(shardlite.Actor):
         self.db.sql("INSERT INTO fired VALUES (?, ?, ?)", [name, repr(payload), time.time()])
 
 
+class AsyncAlarmed(Alarmed):
+    async def on_alarm(self, name: str, payload: Any) -> None:  # type: ignore[override]
+        await trio.sleep(0.01)  # an await inside the alarm's transaction
+        self.db.sql("INSERT INTO fired VALUES (?, ?, ?)", [name, repr(payload), time.time()])
+        if name == "bad":
+            raise RuntimeError("rolled back, retried")
+
+
 class Versioned(shardlite.Actor):
     schema_version = 2
 
@@ -169,7 +177,10 @@ class Flow(shardlite.Actor):
         await wf.step("boom", boom, retries=1, backoff=0.01)
 
 
-APP = App({"alarm-": Alarmed, "v-": Versioned, "flow-": Flow}, default=Counter)
+APP = App(
+    {"alarm-": Alarmed, "async-alarm-": AsyncAlarmed, "v-": Versioned, "flow-": Flow},
+    default=Counter,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -332,6 +343,29 @@ async def test_alarm_wakes_a_closed_actor(tmp_path: Path) -> None:
             return await call(pool, "alarm-3", "fired")
 
         assert [r[0] for r in await wait_for(fired)] == ["wake"]
+
+
+async def test_async_alarm_handlers_run_in_a_transaction(tmp_path: Path) -> None:
+    async with app_pool(tmp_path) as pool:
+        await call(pool, "async-alarm-1", "arm", "good", 0.05, 7)
+        await call(pool, "async-alarm-1", "arm", "bad", 0.05)
+
+        async def fired() -> Any:
+            rows = await call(pool, "async-alarm-1", "fired")
+            return rows if rows else None
+
+        assert await wait_for(fired) == [["good", "7"]]  # bad's insert was rolled back
+        assert await call(pool, "async-alarm-1", "pending") == ["bad"]  # and it backs off
+
+
+async def test_idempotent_method_calls(tmp_path: Path) -> None:
+    async with app_pool(tmp_path) as pool:
+        first = await pool.call("k", CallMethod("hit", [3], {}), idempotency_key="once")
+        again = await pool.call("k", CallMethod("hit", [3], {}), idempotency_key="once")
+        assert first.value == again.value == 3
+        assert await call(pool, "k", "total") == 3
+        with pytest.raises(BadRequest, match="different request"):
+            await pool.call("k", CallMethod("hit", [4], {}), idempotency_key="once")
 
 
 async def test_workflow_runs_steps_once_and_reports(tmp_path: Path) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -221,3 +224,32 @@ def test_workflow_resumes_after_kill_9_without_repeating_steps(
     assert [s["name"] for s in r.json()["steps"]] == ["first", "second", "sleep", "third"]
     r = httpx.get(f"{server.http_url}/v1/actors/flow/workflows/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    shown = cli("workflows", "flow", "run-1", "--json", "--url", server.rpc_url)
+    assert json.loads(shown.stdout)[0]["status"] == "completed"
+    listed = cli("workflows", "flow", "--url", server.http_url)
+    assert "run-1" in listed.stdout and "completed" in listed.stdout
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shardlite", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_call_and_bad_app(app_server: Any, tmp_path: Path) -> None:
+    server = app_server("--procs", "1")
+    out = cli("call", "cli-key", "hit", "5", "--url", server.rpc_url)
+    assert out.returncode == 0 and json.loads(out.stdout) == 5
+    out = cli("call", "cli-key", "nope", "--url", server.rpc_url)
+    assert out.returncode != 0 and "no method 'nope'" in out.stderr
+    for spec, why in [
+        ("no_such_module:X", "cannot import"),
+        ("json:dumps", "neither a shardlite.Actor subclass nor an App"),
+        ("json", "expected MODULE:OBJECT"),
+    ]:
+        out = cli("serve", "--data", str(tmp_path / "bad"), "--app", spec)
+        assert out.returncode != 0 and why in out.stderr, out.stderr
