@@ -123,15 +123,21 @@ class Exclusive:
 class Call:
     """One request in an actor's mailbox."""
 
-    __slots__ = ("idem", "op", "sink", "tag")
+    __slots__ = ("idem", "op", "readonly", "sink", "tag")
 
     def __init__(
-        self, op: Op | Exclusive | Inline, sink: Sink, tag: Any = None, idem: str | None = None
+        self,
+        op: Op | Exclusive | Inline,
+        sink: Sink,
+        tag: Any = None,
+        idem: str | None = None,
+        readonly: bool = False,
     ) -> None:
         self.op = op
         self.sink = sink
         self.tag = tag
         self.idem = idem  # an idempotency key
+        self.readonly = readonly  # a read-only token: any statement that writes is refused
 
 
 Replies = tuple[list[Call], list["Result | Error"]]
@@ -178,6 +184,8 @@ class Actor:
         self._stmt_count = 0
         self._single = True  # the running call allows one statement only
         self._call_wrote = False  # the running call has started a write
+        self._readonly = False  # the running call may not write (a read-only token)
+        self._refused_write = False  # _exec_trace stopped a write of a read-only call
         self._description: tuple[tuple[str, str | None], ...] = ()
         self._wrote = False
         self.wal_pages = 0
@@ -192,6 +200,7 @@ class Actor:
         self.dir_sync_needed = False
         """The WAL's directory entry must be synced on the next flush (fdatasync_wal)."""
         self.broken = False
+        self.cooling = False  # paused after hogging the event loop (see ActorPool.run_ready)
         self.want_checkpoint = False
         self.released: trio.Event | None = None
         # durability=log: the shard log's bookkeeping (see _logdurability.py)
@@ -369,6 +378,9 @@ class Actor:
             if self._stmt_count > 1 and self._single:
                 return False
             if not cursor.is_readonly:
+                if self._readonly:
+                    self._refused_write = True
+                    return False
                 self._call_wrote = True
                 auth = self._auth
                 if auth is not None and auth.schema_op:  # noted when it was prepared
@@ -452,6 +464,7 @@ class Actor:
         durability policy like a batch without replies; its error, if it failed."""
         conn = self.conn
         assert conn is not None
+        self._readonly = False
         self._internal(_BEGIN)
         try:
             fn()
@@ -472,6 +485,7 @@ class Actor:
     def begin_exclusive(self) -> None:
         """Open the transaction of an exclusive call (an async method)."""
         self.batches += 1
+        self._readonly = False
         self._internal(_BEGIN)
 
     def finish_exclusive(
@@ -572,6 +586,7 @@ class Actor:
         op: Op = call.op  # type: ignore[assignment]
         self._single = single = type(op) in _ONE_STATEMENT
         self._call_wrote = False
+        self._readonly = call.readonly
         if not single:
             self._internal(_SAVEPOINT)
         try:
@@ -675,6 +690,11 @@ class Actor:
             cursor.execute(sql, params if params is not None else ())
             rows = _fetch(cursor, self.config.max_result_bytes)
         except apsw.ExecTraceAbort:
+            if self._refused_write:
+                self._refused_write = False
+                raise Forbidden(
+                    "the token is read-only and this statement writes (or changes the schema)"
+                ) from None
             raise BadRequest(
                 "sql holds more than one statement; send one per request, or use a batch"
             ) from None

@@ -119,6 +119,13 @@ class Overloaded(Error):
         self.retry_after = retry_after
 
 
+class RateLimited(Overloaded):
+    """The key sent more requests than its rate limit allows; retry after ``retry_after``."""
+
+    code = "rate_limited"
+    status = 429
+
+
 class Unavailable(Error):
     """The server is shutting down or the actor is temporarily unavailable; retry."""
 
@@ -181,6 +188,7 @@ ERRORS_BY_CODE: dict[str, type[Error]] = {
         Error,
         MethodError,
         StepFailed,
+        RateLimited,
         BadRequest,
         Unauthorized,
         Forbidden,
@@ -210,7 +218,7 @@ def error_from_dict(data: dict[str, Any]) -> Error:
         err = Error(message, **details)
         err.code = code  # type: ignore[misc]
         return err
-    if cls is Overloaded:
+    if issubclass(cls, Overloaded):
         retry_after = float(details.pop("retry_after", 1.0))
-        return Overloaded(message, retry_after=retry_after, **details)
+        return cls(message, retry_after=retry_after, **details)
     return cls(message, **details)

@@ -41,6 +41,11 @@ RUN_SLICE_S = 0.005
 """How long one caller of run_ready() runs actors before leaving the rest to the runner."""
 REAP_INTERVAL_MAX_S = 5.0
 DRAIN_TIMEOUT_S = 30.0
+HOG_BATCH_S = 0.02
+"""A batch that held the event loop longer than this pauses its actor afterwards ..."""
+HOG_PAUSE_FACTOR = 4.0
+"""... for this many times as long: a tenant whose statements run to their time budget
+gets at most a fifth of the loop, and everyone else's requests keep flowing."""
 CREATE_THREADS = 4
 """Actor files created (which syncs their header) concurrently in worker threads."""
 
@@ -116,6 +121,7 @@ class ActorPool:
         self.evicted = 0
         self.checkpoints = 0
         self.overloaded = 0
+        self.hog_pauses = 0
         self.batches = 0
         self.calls = 0
 
@@ -164,6 +170,8 @@ class ActorPool:
         return actor.path if actor is not None else resolve_actor_path(self._locate(key), key)
 
     def _schedule(self, actor: Actor) -> None:
+        if actor.cooling:
+            return  # _cool_down schedules it when its pause is over
         if not actor.scheduled and actor.state is not State.BUSY and not actor.want_checkpoint:
             actor.scheduled = True
             self._ready.append(actor)
@@ -190,6 +198,8 @@ class ActorPool:
             actor.scheduled = False
             if actor.state is State.BUSY or actor.want_checkpoint or not actor.mailbox:
                 continue
+            if actor.cooling:
+                continue
             if actor.broken:  # reopen from disk before anything else runs
                 self._maybe_maintain(actor)
                 continue
@@ -208,7 +218,11 @@ class ActorPool:
                 if not self._open_inline(actor):
                     continue
             before = actor.calls
+            started = _clock()
             actor.run_batch()
+            spent = _clock() - started
+            if spent > HOG_BATCH_S:
+                self._cool(actor, spent * HOG_PAUSE_FACTOR)
             self.batches += 1
             self.calls += actor.calls - before
             if actor.needs_file_sync and not actor.broken:  # an unlogged batch (log mode)
@@ -228,7 +242,12 @@ class ActorPool:
             self._runner_wake.set()
 
     async def call(
-        self, key: str, op: Op | Exclusive | Inline, *, idempotency_key: str | None = None
+        self,
+        key: str,
+        op: Op | Exclusive | Inline,
+        *,
+        idempotency_key: str | None = None,
+        readonly: bool = False,
     ) -> Any:
         """Run one operation on ``key``'s actor and return its result (or raise).
 
@@ -236,7 +255,7 @@ class ActorPool:
         first result is returned.
         """
         waiter = Waiter()
-        self.submit_nowait(key, [Call(op, waiter, None, idempotency_key)])
+        self.submit_nowait(key, [Call(op, waiter, None, idempotency_key, readonly)])
         self.wake_runner()
         return await waiter.wait()
 
@@ -340,6 +359,18 @@ class ActorPool:
         elif actor.want_checkpoint:
             actor.state = State.BUSY
             self._spawn(self._checkpoint, actor)
+
+    def _cool(self, actor: Actor, pause: float) -> None:
+        """Hold ``actor``'s next batches back for ``pause`` seconds (it hogged the loop)."""
+        actor.cooling = True
+        self.hog_pauses += 1
+        self._spawn(self._cool_down, actor, pause)
+
+    async def _cool_down(self, actor: Actor, pause: float) -> None:
+        await trio.sleep(pause)
+        actor.cooling = False
+        self._schedule(actor)
+        self.wake_runner()
 
     def _spawn(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         assert self._nursery is not None
@@ -609,6 +640,7 @@ class ActorPool:
             "evicted": self.evicted,
             "checkpoints": self.checkpoints,
             "overloaded": self.overloaded,
+            "hog_pauses": self.hog_pauses,
             "batches": self.batches,
             "calls": self.calls,
             "durability": self.durability.statistics(),

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from typing import Any
 
 from shardlite.loadtest import LoadSpec, parse_target, run_loadtest
@@ -71,12 +72,14 @@ def run(opts: Options) -> SectionResult:
     half: dict[str, list[dict[str, Any]]] = {}
     wrk_runs: list[dict[str, float]] = []
     harness_runs: list[dict[str, Any]] = []
+    # its own temporary directory: as root the server runs as the postgres user, which
+    # cannot enter the (private) scratch directory
+    pg = PostgresServer(tempfile.mkdtemp(prefix="shardlite-pg-"), cpus=SERVER_CPU)
     server, http, port = serve_shardlite(os.path.join(opts.workdir, "data"), "log")
-    pg = PostgresServer(os.path.join(opts.workdir, "pg"), cpus=SERVER_CPU)
-    pg.init()
-    pg.start()
     targets = {"shardlite": f"rpc://127.0.0.1:{port}", "postgres": pg.url}
     try:
+        pg.init()
+        pg.start()
         for target in targets.values():  # setup and warm-up (untimed)
             _run(target, 1.0, keys, scenario="insert")
         for round_no in range(opts.runs):
@@ -108,6 +111,7 @@ def run(opts: Options) -> SectionResult:
     finally:
         server.stop()
         pg.stop()
+        shutil.rmtree(pg.dir, ignore_errors=True)
     return _report(opts, closed, half, wrk=(wrk_runs, harness_runs), seconds=seconds, keys=keys)
 
 
@@ -144,6 +148,7 @@ def _report(
                     fmt(_s(runs, lambda r: r["latency_ms"]["p50"])),
                     fmt(_s(runs, lambda r: r["latency_ms"]["p99"])),
                     fmt(_s(runs, lambda r: r["latency_ms"]["p999"])),
+                    fmt(_s(runs, lambda r: r["generator_cpu_s"] / r["duration_s"])),
                     str(sum(r["errors"] for r in runs)),
                 ]
             )

@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             sub = os.path.join(workdir, name)
             os.makedirs(sub)
-            result = RUNNERS[name](Options(args.quick, args.runs, sub, workdir))
+            try:
+                result = RUNNERS[name](Options(args.quick, args.runs, sub, workdir))
+            except BaseException:
+                if results and not args.no_write and (args.write or not args.quick):
+                    print(f"{name} failed; wrote the sections before it: {report.write(results)}")
+                raise
             results.append(result)
             print("\n".join(result.console))
             print(f"== {name} done in {time.perf_counter() - t0:.0f} s\n", flush=True)

@@ -118,15 +118,15 @@ def is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 
 
 def parse_duration(text: str) -> float:
-    """``30s``, ``2m``, ``500ms``, ``1h`` or plain seconds."""
+    """``30s``, ``2m``, ``500ms``, ``1h``, ``7d`` or plain seconds."""
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"{text!r} is not a duration (examples: 30s, 2m, 500ms)")
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m.group(2)]
+        raise ValueError(f"{text!r} is not a duration (examples: 30s, 2m, 500ms, 7d)")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}[m.group(2)]
     return float(m.group(1)) * scale
 
 

@@ -22,8 +22,8 @@ from shardlite.router._protocol import split_address
 NODE_TIMEOUT_S = 3.0
 
 
-def _ask(address: str) -> wire.NodeStatus | str:
-    transport = RpcTransport(split_address(address), NODE_TIMEOUT_S)
+def _ask(address: str, token: str | None = None) -> wire.NodeStatus | str:
+    transport = RpcTransport(split_address(address), NODE_TIMEOUT_S, token)
     try:
         status: wire.NodeStatus = transport.request("", wire.GetStatus())
         return status
@@ -33,14 +33,15 @@ def _ask(address: str) -> wire.NodeStatus | str:
         transport.close()
 
 
-async def gather_status(directory_url: str, data: str) -> dict[str, Any]:
+async def gather_status(directory_url: str, data: str, token: str | None = None) -> dict[str, Any]:
     async with open_directory(directory_url, data) as directory:
         placement = await directory.load()
         url = directory.url
     if placement is None:
         raise LookupError(f"the directory {url} holds no cluster yet (start `shardlite serve`)")
     statuses = {
-        node.id: await trio.to_thread.run_sync(_ask, node.rpc) for node in placement.nodes.values()
+        node.id: await trio.to_thread.run_sync(_ask, node.rpc, token)
+        for node in placement.nodes.values()
     }
     return _report(url, placement, statuses)
 

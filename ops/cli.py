@@ -15,6 +15,7 @@ import trio
 
 from shardlite.actor import load_app
 from shardlite.loadtest import loadtest
+from shardlite.loadtest._spec import parse_duration
 from shardlite.router import DirectoryUnavailable
 from shardlite.shards import (
     SETTINGS,
@@ -25,6 +26,13 @@ from shardlite.shards import (
     run_supervisor,
     settings_from,
     settings_markdown,
+)
+from shardlite.shards._auth import (
+    KEYS_FILE,
+    PERMS,
+    create_token,
+    rotate_keys,
+    signing_key,
 )
 from shardlite.shards._settings import DEFAULT_DATA_DIR
 
@@ -85,6 +93,16 @@ def serve(**values: Any) -> None:
                 info = host.nodes[0]
                 where = f"{host.http_url} and {host.rpc_url}"
                 detail = f"{procs} shard processes, up to {info.max_open_actors} open actors each"
+            if info.auth:
+                click.echo(
+                    "auth: required: every request needs a token "
+                    "(shardlite ops token create --key PATTERN --perm read|write|admin)"
+                )
+            else:
+                click.echo(
+                    "auth: off: anyone who can reach these addresses can read and write every "
+                    "actor (fine on loopback; use --auth required otherwise)"
+                )
             click.echo(
                 f"shardlite serving {where} (data {info.data}, durability {info.durability}, "
                 f"{detail}{classes}); Ctrl-C to stop",
@@ -123,6 +141,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _url_option(fn: F) -> F:
+    fn = click.option(
+        "--token",
+        envvar="SHARDLITE_TOKEN",
+        default=None,
+        help="Access token, when the server requires one [env: SHARDLITE_TOKEN].",
+    )(fn)
     return click.option(
         "--url",
         envvar="SHARDLITE_URL",
@@ -133,12 +157,12 @@ def _url_option(fn: F) -> F:
 
 
 @contextlib.contextmanager
-def _client(url: str) -> Iterator[Any]:
+def _client(url: str, token: str | None) -> Iterator[Any]:
     """A connected client; errors become one-line ClickExceptions."""
     import shardlite
 
     try:
-        with shardlite.connect(url) as client:
+        with shardlite.connect(url, token=token) as client:
             yield client
     except shardlite.Error as exc:
         raise click.ClickException(f"{exc.code}: {exc.message}") from None
@@ -152,14 +176,16 @@ def _client(url: str) -> Iterator[Any]:
 @click.argument("params", nargs=-1)
 @_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def sql(key: str, sql: str, params: tuple[str, ...], url: str, as_json: bool) -> None:
+def sql(
+    key: str, sql: str, params: tuple[str, ...], *, url: str, token: str | None, as_json: bool
+) -> None:
     """Run one SQL statement on actor KEY and print the result.
 
     PARAMS bind to ? placeholders; each is parsed as JSON when it can be (42, null,
     "text"), else taken as a string.
     """
     values = [_param(p) for p in params]
-    with _client(url) as client:
+    with _client(url, token) as client:
         result = client.actor(key).sql(sql, values)
     print_result(result, as_json)
 
@@ -169,12 +195,12 @@ def sql(key: str, sql: str, params: tuple[str, ...], url: str, as_json: bool) ->
 @click.argument("method")
 @click.argument("args", nargs=-1)
 @_url_option
-def call(key: str, method: str, args: tuple[str, ...], url: str) -> None:
+def call(key: str, method: str, args: tuple[str, ...], url: str, token: str | None) -> None:
     """Call METHOD of actor KEY's class and print what it returned (JSON).
 
     ARGS are positional arguments, each parsed as JSON when it can be, else a string.
     """
-    with _client(url) as client:
+    with _client(url, token) as client:
         value = client.actor(key).call(method, *[_param(a) for a in args])
     click.echo(msgspec.json.encode(jsonable(value)).decode())
 
@@ -191,10 +217,17 @@ def call(key: str, method: str, args: tuple[str, ...], url: str) -> None:
 @_url_option
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def workflows(
-    key: str, workflow_id: str | None, *, status: str | None, limit: int, url: str, as_json: bool
+    key: str,
+    workflow_id: str | None,
+    *,
+    status: str | None,
+    limit: int,
+    url: str,
+    token: str | None,
+    as_json: bool,
 ) -> None:
     """List actor KEY's workflows, or show one (WORKFLOW_ID) with its steps."""
-    with _client(url) as client:
+    with _client(url, token) as client:
         actor = client.actor(key)
         if workflow_id is None:
             runs = actor.workflows(status, limit)
@@ -235,13 +268,112 @@ def status(data: str, directory: str, as_json: bool) -> None:
     from ._status import gather_status, print_status
 
     try:
-        report = trio.run(gather_status, directory, data)
+        report = trio.run(gather_status, directory, data, _ops_token(data))
     except (LookupError, ValueError, DirectoryUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(msgspec.json.encode(report).decode())
     else:
         print_status(report)
+
+
+def _ops_token(data: str) -> str | None:
+    """An admin token for the ops verbs: $SHARDLITE_TOKEN, else a one-minute token signed
+    with this host's keys (whoever can read them can mint any token anyway)."""
+    import os
+
+    if os.environ.get("SHARDLITE_TOKEN"):
+        return os.environ["SHARDLITE_TOKEN"]
+    secrets = _secrets()
+    if not secrets and not os.path.exists(os.path.join(data, KEYS_FILE)):
+        return None
+    kid, secret = signing_key(data, secrets)
+    return create_token(kid, secret, pattern="*", perm="admin", ttl_s=60)[0]
+
+
+def _secrets() -> list[str]:
+    import os
+
+    return [p.strip() for p in os.environ.get("SHARDLITE_AUTH_SECRET", "").split(",") if p.strip()]
+
+
+_data_option = click.option(
+    "--data",
+    envvar="SHARDLITE_DATA",
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="Data directory of this host (its signing keys, its embedded directory).",
+)
+
+
+@ops.group()
+def token() -> None:
+    """Access tokens: create, revoke, rotate the signing keys."""
+
+
+@token.command("create")
+@click.option("--key", "pattern", required=True, help="The key, or a pattern with * (tenant-*).")
+@click.option("--perm", type=click.Choice(PERMS), required=True, help="What the token allows.")
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime (15m, 1h, 7d, ...).")
+@_data_option
+@click.option("--json", "as_json", is_flag=True, help="Print the token with its claims.")
+def token_create(pattern: str, perm: str, ttl: str, data: str, as_json: bool) -> None:
+    """Print a new token (signed with $SHARDLITE_AUTH_SECRET, else DATA's newest key)."""
+    try:
+        ttl_s = parse_duration(ttl)
+        kid, secret = signing_key(data, _secrets())
+        value, claims = create_token(kid, secret, pattern=pattern, perm=perm, ttl_s=ttl_s)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(msgspec.json.encode({"token": value, "kid": kid, **claims}).decode())
+    else:
+        click.echo(value)
+
+
+@token.command("revoke")
+@click.argument("token_or_id")
+@_data_option
+@click.option("--directory", envvar="SHARDLITE_DIRECTORY", default="", help="Directory URL.")
+def token_revoke(token_or_id: str, data: str, directory: str) -> None:
+    """Revoke one token (the token itself, or its id `jti`): every server refuses it
+    within seconds."""
+    import time
+
+    import jwt
+
+    from shardlite.router import open_directory
+
+    jti, expires = token_or_id, time.time() + 366 * 86400
+    if token_or_id.count(".") == 2:
+        try:
+            claims = jwt.decode(token_or_id, options={"verify_signature": False})
+            jti, expires = str(claims["jti"]), float(claims["exp"])
+        except (jwt.InvalidTokenError, KeyError) as exc:
+            raise click.ClickException(f"not a shardlite token: {exc}") from None
+
+    async def revoke() -> None:
+        async with open_directory(directory, data) as d:
+            await d.revoke_token(jti, expires)
+
+    try:
+        trio.run(revoke)
+    except (DirectoryUnavailable, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"revoked {jti}")
+
+
+@token.command("rotate")
+@_data_option
+@click.option("--retire", metavar="KID", help="Remove this key instead (its tokens stop working).")
+def token_rotate(data: str, retire: str | None) -> None:
+    """Add a new signing key to DATA (new tokens use it; old ones still verify), or
+    retire an old one. Restart the servers to load the change."""
+    try:
+        kid = rotate_keys(data, retire=retire)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"retired key {kid}" if retire else f"new signing key {kid}")
 
 
 main.add_command(loadtest)

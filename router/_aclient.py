@@ -68,9 +68,10 @@ class _Connection:
 class AsyncRpcTransport:
     """Pipelined requests over one connection; a new one is opened once it breaks."""
 
-    def __init__(self, target: proto.Target, timeout: float) -> None:
+    def __init__(self, target: proto.Target, timeout: float, token: str | None = None) -> None:
         self._target = target
         self._timeout = timeout
+        self._token = token
         self._conn: _Connection | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._ids = itertools.count(1)
@@ -87,9 +88,32 @@ class AsyncRpcTransport:
         with anyio.fail_after(self._timeout):
             stream = await anyio.connect_tcp(self._target.host, self._target.port)
         conn = _Connection(stream)
-        self._conn = conn
         self._tg.start_soon(self._read_loop, conn)
+        if self._token is not None:
+            try:
+                await self._authenticate(conn, self._token)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        self._conn = conn  # only now: the token goes first on the connection
         return conn
+
+    async def _authenticate(self, conn: _Connection, token: str) -> None:
+        req_id = next(self._ids)
+        pending = _Pending()
+        conn.pending[req_id] = pending
+        op = wire.Authenticate(token)
+        async with self._send_lock:
+            await conn.stream.send(wire.request_frame(req_id, "", op))
+        with anyio.fail_after(self._timeout):
+            await pending.event.wait()
+        response = pending.response
+        if response is None:
+            raise proto.ConnectionLost(
+                f"connection to {self._target.base_url} lost ({conn.broken})"
+            )
+        proto.decode_rpc_result(op, response.status, response.body)
 
     async def _connection(self) -> _Connection:
         """The current connection, or a new one if it broke (requests in flight on a broken
@@ -189,9 +213,12 @@ class AsyncRpcTransport:
 class AsyncRoutingTransport:
     """RPC straight to the process that owns each key (see ``proto.RouteTable``)."""
 
-    def __init__(self, target: proto.Target, timeout: float, routing: bool = True) -> None:
+    def __init__(
+        self, target: proto.Target, timeout: float, routing: bool = True, token: str | None = None
+    ) -> None:
+        self._token = token
         self._timeout = timeout
-        self._seed = AsyncRpcTransport(target, timeout)
+        self._seed = AsyncRpcTransport(target, timeout, token)
         self._peers: dict[str, AsyncRpcTransport] = {}
         self._routes = proto.RouteTable(routing)
         self._refresh_lock = anyio.Lock()
@@ -220,7 +247,9 @@ class AsyncRoutingTransport:
             async with self._peer_lock:  # one connection per owner, however many tasks ask
                 peer = self._peers.get(address)
                 if peer is None:
-                    peer = AsyncRpcTransport(proto.split_address(address), self._timeout)
+                    peer = AsyncRpcTransport(
+                        proto.split_address(address), self._timeout, self._token
+                    )
                     assert self._tg is not None
                     await peer.start(self._tg)  # connects: raises if the owner is unreachable
                     self._peers[address] = peer
@@ -256,8 +285,9 @@ class AsyncRoutingTransport:
 
 
 class AsyncHttpTransport:
-    def __init__(self, target: proto.Target, timeout: float) -> None:
-        self._client = httpx.AsyncClient(base_url=target.base_url, timeout=timeout)
+    def __init__(self, target: proto.Target, timeout: float, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._client = httpx.AsyncClient(base_url=target.base_url, timeout=timeout, headers=headers)
 
     async def start(self, tg: anyio.abc.TaskGroup) -> None:
         return None
@@ -367,14 +397,20 @@ class AsyncClient:
     """Use as ``async with connect_async(url) as client``."""
 
     def __init__(
-        self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S, *, routing: bool = True
+        self,
+        url: str,
+        timeout: float = proto.DEFAULT_TIMEOUT_S,
+        *,
+        routing: bool = True,
+        token: str | None = None,
     ) -> None:
         self.target = proto.parse_url(url)
+        token = proto.token_or_env(token)
         self._transport: AsyncRoutingTransport | AsyncHttpTransport
         if self.target.scheme == "rpc":
-            self._transport = AsyncRoutingTransport(self.target, timeout, routing)
+            self._transport = AsyncRoutingTransport(self.target, timeout, routing, token)
         else:
-            self._transport = AsyncHttpTransport(self.target, timeout)
+            self._transport = AsyncHttpTransport(self.target, timeout, token)
         self._tg: anyio.abc.TaskGroup | None = None
 
     def actor(self, key: str) -> AsyncActorHandle:
@@ -403,7 +439,9 @@ def connect_async(
     *,
     timeout: float = proto.DEFAULT_TIMEOUT_S,
     routing: bool = True,
+    token: str | None = None,
 ) -> AsyncClient:
     """An async client for trio or asyncio; enter it with ``async with``. Over RPC it
-    sends each request straight to the key's owner (``routing=False``: all to ``url``)."""
-    return AsyncClient(url, timeout, routing=routing)
+    sends each request straight to the key's owner (``routing=False``: all to ``url``).
+    ``token``: an access token, default ``$SHARDLITE_TOKEN``."""
+    return AsyncClient(url, timeout, routing=routing, token=token)

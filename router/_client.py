@@ -38,9 +38,10 @@ from . import _wire as wire
 class RpcTransport:
     """One TCP connection, one request at a time (a lock makes it thread-safe)."""
 
-    def __init__(self, target: proto.Target, timeout: float) -> None:
+    def __init__(self, target: proto.Target, timeout: float, token: str | None = None) -> None:
         self._target = target
         self._timeout = timeout
+        self._token = token
         self._sock: socket.socket | None = None
         self._reader = wire.FrameReader(1 << 31)
         self._frames: list[memoryview] = []
@@ -52,6 +53,17 @@ class RpcTransport:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = wire.FrameReader(1 << 31)
         self._frames = []
+        if self._token is not None:  # first on every connection: who we are
+            self._sock = sock
+            req_id = next(self._ids)
+            op = wire.Authenticate(self._token)
+            try:
+                sock.sendall(wire.request_frame(req_id, "", op))
+                response = self._receive(req_id)
+                proto.decode_rpc_result(op, response.status, response.body)
+            except BaseException:
+                self._drop()
+                raise
         return sock
 
     def request(
@@ -113,9 +125,12 @@ class RpcTransport:
 class RoutingTransport:
     """RPC straight to the process that owns each key (see ``proto.RouteTable``)."""
 
-    def __init__(self, target: proto.Target, timeout: float, routing: bool = True) -> None:
+    def __init__(
+        self, target: proto.Target, timeout: float, routing: bool = True, token: str | None = None
+    ) -> None:
         self._timeout = timeout
-        self._seed = RpcTransport(target, timeout)
+        self._token = token
+        self._seed = RpcTransport(target, timeout, token)
         self._peers: dict[str, RpcTransport] = {}
         self._routes = proto.RouteTable(routing)
         self._lock = threading.Lock()
@@ -134,7 +149,7 @@ class RoutingTransport:
             peer = self._peers.get(address)
             if peer is None:
                 peer = self._peers[address] = RpcTransport(
-                    proto.split_address(address), self._timeout
+                    proto.split_address(address), self._timeout, self._token
                 )
             return peer
 
@@ -168,8 +183,9 @@ class RoutingTransport:
 class HttpTransport:
     """HTTP/1.1 with msgpack bodies, through httpx."""
 
-    def __init__(self, target: proto.Target, timeout: float) -> None:
-        self._client = httpx.Client(base_url=target.base_url, timeout=timeout)
+    def __init__(self, target: proto.Target, timeout: float, token: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._client = httpx.Client(base_url=target.base_url, timeout=timeout, headers=headers)
 
     def request(self, key: str, op: wire.WireOp, idempotency_key: str | None = None) -> Any:
         method, path, body, query = proto.http_request(op, key)
@@ -298,14 +314,20 @@ class Client:
     """
 
     def __init__(
-        self, url: str, timeout: float = proto.DEFAULT_TIMEOUT_S, *, routing: bool = True
+        self,
+        url: str,
+        timeout: float = proto.DEFAULT_TIMEOUT_S,
+        *,
+        routing: bool = True,
+        token: str | None = None,
     ) -> None:
         self.target = proto.parse_url(url)
+        token = proto.token_or_env(token)
         self._transport: RoutingTransport | HttpTransport
         if self.target.scheme == "rpc":
-            self._transport = RoutingTransport(self.target, timeout, routing)
+            self._transport = RoutingTransport(self.target, timeout, routing, token)
         else:
-            self._transport = HttpTransport(self.target, timeout)
+            self._transport = HttpTransport(self.target, timeout, token)
 
     def actor(self, key: str) -> ActorHandle:
         return ActorHandle(self, key)
@@ -325,6 +347,10 @@ def connect(
     *,
     timeout: float = proto.DEFAULT_TIMEOUT_S,
     routing: bool = True,
+    token: str | None = None,
 ) -> Client:
-    """Connect to a shardlite server over RPC (``rpc://``) or HTTP (``http://``)."""
-    return Client(url, timeout, routing=routing)
+    """Connect to a shardlite server over RPC (``rpc://``) or HTTP (``http://``).
+
+    ``token``: an access token (``shardlite ops token create``), default
+    ``$SHARDLITE_TOKEN``; needed when the server requires tokens."""
+    return Client(url, timeout, routing=routing, token=token)

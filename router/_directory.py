@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,6 +38,8 @@ CLUSTER_KEY = PREFIX + "cluster"
 SHARDS = PREFIX + "shards/"
 NODES = PREFIX + "nodes/"
 HOSTS = PREFIX + "hosts/"
+REVOKED = "/shardlite-auth/revoked/"
+"""Revoked token ids (outside PREFIX: placement reads do not carry them)."""
 DEFAULT_FILE = "directory.db"
 DEFAULT_LEASE_TTL_S = 10.0
 MAX_SHARDS_AT_CREATION = 120
@@ -110,6 +113,26 @@ class Directory:
 
     async def put_node(self, node: NodeRecord, lease: int) -> None:
         await self.kv.txn([], [Put(NODES + node.id, _encode(node), lease)])
+
+    async def revoke_token(self, jti: str, expires: float) -> None:
+        """Record a revoked token id until the token would have expired anyway."""
+        await self.kv.txn([], [Put(REVOKED + jti, _encode(expires))])
+
+    async def revoked_tokens(self) -> dict[str, float]:
+        """Revoked token id -> when the token expires (expired ones are dropped)."""
+        _, entries = await self.kv.get_prefix(REVOKED)
+        now = time.time()
+        out: dict[str, float] = {}
+        stale = []
+        for entry in entries:
+            expires = float(msgspec.msgpack.decode(entry.value))
+            if expires < now:
+                stale.append(Delete(entry.key))
+            else:
+                out[entry.key[len(REVOKED) :]] = expires
+        if stale:
+            await self.kv.txn([], stale[:100])
+        return out
 
     async def wait_change(self, revision: int, timeout_s: float) -> int:
         return await self.kv.wait_revision(revision, timeout_s)

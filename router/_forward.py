@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -50,8 +51,11 @@ class Forwarded:
 
 
 class _Peer:
-    def __init__(self, address: str, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, address: str, nursery: trio.Nursery, credential: Callable[[], str | None]
+    ) -> None:
         self.address = address
+        self.credential = credential
         self.outbox: list[bytes] = []
         self.pending: dict[int, tuple[Sink, Any]] = {}
         self.wake = trio.Event()
@@ -80,7 +84,9 @@ class _Peer:
                     nursery.start_soon(self._read, stream, nursery.cancel_scope, greeted)
                     # first, alone: this connection carries forwarded requests, which may
                     # be a few bytes over the size limit their clients were held to
-                    await stream.send_all(wire.request_frame(PEER_HELLO_ID, "", wire.PeerHello()))
+                    await stream.send_all(
+                        wire.request_frame(PEER_HELLO_ID, "", wire.PeerHello(self.credential()))
+                    )
                     with trio.fail_after(CONNECT_TIMEOUT_S):
                         await greeted.wait()
                     await self._write(stream)
@@ -136,8 +142,14 @@ class _Peer:
 class Forwarder:
     """The connections of one process to its peers; use inside its nursery."""
 
-    def __init__(self, nursery: trio.Nursery, max_frame_bytes: int) -> None:
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        max_frame_bytes: int,
+        credential: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self._nursery = nursery
+        self._credential = credential  # this process's host token, when auth is required
         self._peers: dict[str, _Peer] = {}
         self._ids = itertools.count(1)
         self.max_frame_bytes = max_frame_bytes
@@ -152,22 +164,25 @@ class Forwarder:
         *,
         idempotency_key: str | None,
         epoch: int,
+        readonly: bool = False,
     ) -> None:
         """Send one request to ``address``; its reply goes to ``sink.deliver(tag, ...)``."""
         req_id = next(self._ids)
         try:
-            frame = wire.request_frame(req_id, key, op, idempotency_key, epoch)
+            frame = wire.request_frame(req_id, key, op, idempotency_key, epoch, readonly=readonly)
             if len(frame) - wire.HEADER_BYTES > self.max_frame_bytes + wire.PEER_SLACK_BYTES:
                 # a request right at the size limit: the epoch would push it over, and
                 # the owner checks its ownership anyway
-                frame = wire.request_frame(req_id, key, op, idempotency_key)
+                frame = wire.request_frame(
+                    req_id, key, op, idempotency_key, None, readonly=readonly
+                )
         except (OverflowError, TypeError, ValueError, msgspec.EncodeError) as exc:
             # what the owner's SQLite would refuse, msgpack cannot even carry
             sink.deliver(tag, BadRequest(f"bad parameters: an integer is too big ({exc})"))
             return
         peer = self._peers.get(address)
         if peer is None or peer.closed:
-            peer = self._peers[address] = _Peer(address, self._nursery)
+            peer = self._peers[address] = _Peer(address, self._nursery, self._credential)
         peer.send(frame, req_id, sink, tag)
 
 

@@ -7,6 +7,7 @@ into the documented Python value here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -72,6 +73,13 @@ class Target(msgspec.Struct, frozen=True):
     @property
     def base_url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def token_or_env(token: str | None) -> str | None:
+    """The token to send: the one given, else ``$SHARDLITE_TOKEN`` (None: none)."""
+    if token is not None:
+        return token or None
+    return os.environ.get("SHARDLITE_TOKEN") or None
 
 
 def parse_url(url: str) -> Target:

@@ -68,7 +68,22 @@ class GetPlacement(msgspec.Struct, tag="placement", array_like=True, frozen=True
 class PeerHello(msgspec.Struct, tag="peer", array_like=True, frozen=True):
     """Sent first on a connection between shard processes: it carries forwarded
     requests, so its frames may exceed the size limit by ``PEER_SLACK_BYTES`` (a new
-    request id and the epoch)."""
+    request id, the epoch, the read-only flag). With auth required, ``token`` is the
+    sending process's host credential."""
+
+    token: str | None = None
+
+
+class Authenticate(msgspec.Struct, tag="auth", array_like=True, frozen=True):
+    """Sent first on a connection to a server that requires tokens (key is ignored)."""
+
+    token: str
+
+
+class Authenticated(msgspec.Struct, array_like=True):
+    key: str
+    perm: str
+    exp: float
 
 
 PEER_SLACK_BYTES = 64
@@ -108,6 +123,7 @@ WireOp: TypeAlias = (
     | GetPlacement
     | GetStatus
     | PeerHello
+    | Authenticate
 )
 
 
@@ -123,6 +139,8 @@ class Request(msgspec.Struct, array_like=True, frozen=True):
     idempotency_key: str | None = None
     epoch: int | None = None
     """The epoch of the key's shard the sender saw (routing clients and forwarders)."""
+    readonly: bool = False
+    """Forwarded requests only (peer connections): the caller's token is read-only."""
 
 
 class Response(msgspec.Struct, array_like=True):
@@ -147,6 +165,7 @@ RESULT_TYPES: dict[type, type] = {
     GetPlacement: PlacementMap,
     GetStatus: NodeStatus,
     PeerHello: Pong,
+    Authenticate: Authenticated,
 }
 
 
@@ -179,7 +198,11 @@ def request_frame(
     op: WireOp,
     idempotency_key: str | None = None,
     epoch: int | None = None,
+    *,
+    readonly: bool = False,
 ) -> bytes:
+    if readonly:
+        return frame(encode((req_id, key, op, idempotency_key, epoch, True)))
     if epoch is not None:
         return frame(encode((req_id, key, op, idempotency_key, epoch)))
     if idempotency_key is None:

@@ -37,6 +37,7 @@ from shardlite.actor import (
     Overloaded,
     Sql,
     TooLarge,
+    Unauthorized,
     WorkflowGet,
     WorkflowList,
     validate_key,
@@ -44,6 +45,7 @@ from shardlite.actor import (
 from shardlite.router import wire
 
 from . import _codec as codec
+from ._auth import NEED
 from ._metrics import Metrics
 from ._routing import Node
 from ._settings import Settings
@@ -81,6 +83,9 @@ def _error_response(error: Error) -> Response:
     headers = {}
     if isinstance(error, Overloaded):
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = 'Bearer realm="shardlite"'
+
     return _respond(codec.error_body(error), error.status, headers)
 
 
@@ -107,10 +112,28 @@ def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics
     def key_of(key: str) -> str:
         return validate_key(key)
 
+    def admit(key: str, need: str) -> bool:
+        """Check the caller's token (if tokens are required) and the key's rate limit;
+        return whether the caller may only read."""
+        readonly = False
+        if node.auth.required:
+            claims = node.auth.verify(_bearer())
+            node.auth.check(claims, key, need)
+            readonly = claims.readonly
+        if node.rate_limit is not None and (refused := node.rate_limit(key)) is not None:
+            raise refused
+        return readonly
+
     async def dispatch(key: str, op: Any, idempotency_key: str | None = None) -> Any:
         """Run ``op`` here, or on the process that owns ``key`` (one hop)."""
+        readonly = admit(key, NEED[type(op)])
         return await node.call(
-            pool, key, op, idempotency_key=idempotency_key, epoch=_epoch_header()
+            pool,
+            key,
+            op,
+            idempotency_key=idempotency_key,
+            epoch=_epoch_header(),
+            readonly=readonly,
         )
 
     @app.before_request
@@ -211,6 +234,7 @@ def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics
     @app.route("/v1/actors/<key>/export", methods=["GET"])
     async def export(key: str) -> Response:
         key = key_of(key)
+        admit(key, "read")
         if node.route(key, _epoch_header()) is not None:  # elsewhere: its bytes come back
             exported = await dispatch(key, wire.Export())
             return Response(
@@ -231,6 +255,7 @@ def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics
     @app.route("/v1/actors/<key>", methods=["DELETE"])
     async def delete(key: str) -> Response:
         key = key_of(key)
+        admit(key, "write")
         if node.route(key, _epoch_header()) is not None:
             result = await dispatch(key, wire.Delete())
             return _respond({"deleted": result.deleted})
@@ -263,6 +288,17 @@ def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics
         return Response(generate_latest(metrics.registry), 200, content_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _bearer() -> str | None:
+    """The token of ``Authorization: Bearer TOKEN`` (never logged, never echoed)."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer TOKEN'")
+    return token.strip()
 
 
 def _epoch_header() -> int | None:

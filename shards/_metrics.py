@@ -112,6 +112,11 @@ class _PoolCollector(Collector):
             "shardlite_actor_batches", "Transactions (group commits) run.", s["batches"]
         )
         yield CounterMetricFamily(
+            "shardlite_actor_hog_pauses",
+            "Times an actor was paused after one batch held the event loop too long.",
+            s["hog_pauses"],
+        )
+        yield CounterMetricFamily(
             "shardlite_actor_calls", "Calls run inside transactions.", s["calls"]
         )
         dur = s["durability"]

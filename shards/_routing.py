@@ -36,6 +36,8 @@ from shardlite.router import (
     wire,
 )
 
+from ._auth import Auth
+
 log = logging.getLogger("shardlite.node")
 
 WATCH_TIMEOUT_S = 5.0
@@ -74,6 +76,8 @@ class Node:
         self._shard_of: dict[str, ShardRecord] = {}  # key -> its shard, this placement
         self.not_ready: str | None = None
         self.host_record: HostRecord | None = None  # put by the host's first process
+        self.auth = Auth({}, required=False)  # tokens (set by the server)
+        self.rate_limit: Callable[[str], Error | None] | None = None  # per key, if set
 
     # ------------------------------------------------------------------ placement
 
@@ -208,11 +212,12 @@ class Node:
         *,
         idempotency_key: str | None = None,
         epoch: int | None = None,
+        readonly: bool = False,
     ) -> Any:
         """Run ``op`` on ``key``'s actor: here, or on the process that owns it (one hop)."""
         where = self.route(key, epoch)
         if where is None:
-            return await pool.call(key, op, idempotency_key=idempotency_key)
+            return await pool.call(key, op, idempotency_key=idempotency_key, readonly=readonly)
         if isinstance(where, Error):
             raise where
         waiter = ForwardWaiter()
@@ -224,6 +229,7 @@ class Node:
             None,
             idempotency_key=idempotency_key,
             epoch=where.epoch,
+            readonly=readonly,
         )
         return await waiter.wait(op)
 

@@ -23,10 +23,12 @@ from shardlite.actor import (
     BadRequest,
     Call,
     Error,
+    Forbidden,
     TooLarge,
 )
 from shardlite.router import Forwarded, wire
 
+from ._auth import KEYLESS, NEED, PEER, Claims
 from ._metrics import Metrics
 from ._routing import Node
 
@@ -69,6 +71,7 @@ class RpcConnection:
         self._nursery = nursery
         self.closed = False
         self.peer = False  # another shard process, forwarding (see wire.PeerHello)
+        self.claims: Claims | None = None  # the connection's token, once verified
 
     # the Sink protocol
     def deliver(self, tag: Any, result: Any) -> None:
@@ -146,6 +149,8 @@ class RpcConnection:
         groups: dict[str, list[Call]] = {}
         decode = wire.request_decoder.decode
         route = self.node.route
+        auth = self.node.auth
+        limit = self.node.rate_limit
         for payload in frames:
             try:
                 req = decode(payload)
@@ -159,18 +164,47 @@ class RpcConnection:
             if kind is wire.Ping:
                 self._reply_now(req.id, wire.Pong(SERVER_NAME))
                 continue
+            if kind is wire.Authenticate:
+                try:
+                    self.claims = claims = auth.verify(op.token)
+                except Error as exc:
+                    self._reply_now(req.id, exc)
+                    continue
+                self._reply_now(req.id, wire.Authenticated(claims.pattern, claims.perm, claims.exp))
+                continue
             if kind is wire.PeerHello:
+                if auth.required:
+                    try:
+                        claims = auth.verify(op.token)
+                        if claims.perm != PEER:
+                            raise Forbidden("a peer connection needs a host credential")
+                    except Error as exc:
+                        self._reply_now(req.id, exc)
+                        continue
+                    self.claims = claims
                 if not self.peer:
                     self.peer = True
                     self.reader.max_frame += wire.PEER_SLACK_BYTES
                 self._reply_now(req.id, wire.Pong(SERVER_NAME))
                 continue
+            if auth.required:
+                try:
+                    auth.check(self.claims, None if kind in KEYLESS else req.key, NEED[kind])
+                except Error as exc:
+                    self._reply_now(req.id, exc)
+                    continue
             if kind is wire.GetPlacement:
                 self._reply_now(req.id, self.node.placement.to_map())
                 continue
             if kind is wire.GetStatus:
                 self.inflight += 1
                 self._nursery.start_soon(self._status, req.id)
+                continue
+            readonly = (
+                req.readonly if self.peer else self.claims is not None and self.claims.readonly
+            )
+            if limit is not None and not self.peer and (limited := limit(req.key)) is not None:
+                self._reply_now(req.id, limited)
                 continue
             where = route(req.key, req.epoch)
             if where is not None:
@@ -186,6 +220,7 @@ class RpcConnection:
                         req.id,
                         idempotency_key=req.idempotency_key,
                         epoch=where.epoch,
+                        readonly=readonly,
                     )
                 continue
             if kind is wire.Delete:  # in frame order with the calls around it
@@ -193,7 +228,7 @@ class RpcConnection:
             elif kind is wire.Export:
                 op = self.pool.export_call(self.reader.max_frame - EXPORT_FRAME_OVERHEAD)
             self.inflight += 1
-            call = Call(op, self, req.id, req.idempotency_key)
+            call = Call(op, self, req.id, req.idempotency_key, readonly)
             calls = groups.get(req.key)
             if calls is None:
                 groups[req.key] = [call]

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import apsw
 import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -28,6 +29,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from shardlite.actor import load_app, open_actor_pool
 from shardlite.router import (
     Directory,
+    DirectoryUnavailable,
     Forwarder,
     HostRecord,
     Lease,
@@ -37,6 +39,16 @@ from shardlite.router import (
     open_lease,
 )
 
+from ._auth import (
+    PEER,
+    PEER_TTL_S,
+    REVOKED_POLL_S,
+    Auth,
+    RateLimiter,
+    create_token,
+    load_keys,
+    signing_key,
+)
 from ._cluster import ensure_cluster, node_id, resolve_host_id
 from ._http import create_app
 from ._metrics import Metrics
@@ -64,6 +76,7 @@ class ServerInfo(msgspec.Struct, frozen=True):
     max_open_actors: int
     node: str = ""
     shards: list[str] = []
+    auth: bool = False
 
 
 def raise_fd_limit() -> int:
@@ -132,6 +145,8 @@ async def run_server(
         if max_open < settings.max_open_actors:
             log.warning("max_open_actors lowered to %d by the file-descriptor limit", max_open)
         config = settings.actor_config(max_open_actors=max_open)
+        if settings.max_memory:
+            apsw.hard_heap_limit(settings.max_memory)
         metrics = Metrics()
         index = node_spec.index if node_spec else 0
         async with open_directory(settings.directory, data) as directory:
@@ -188,7 +203,8 @@ async def _serve(
         async with open_actor_pool(config, _locate_by(holder), app=classes) as pool:
             metrics.watch_pool(pool)
             async with trio.open_nursery() as background:
-                forwarder = Forwarder(background, settings.max_request_bytes)
+                auth, credential = _auth_for(settings, data)
+                forwarder = Forwarder(background, settings.max_request_bytes, credential)
                 async with trio.open_nursery() as servers:
                     record = NodeRecord(
                         node_id(host_id, index), host_id, "", "", os.getpid(), time.time()
@@ -203,6 +219,9 @@ async def _serve(
                         attach=pool.attach_shard,
                     )
                     holder.append(node)
+                    node.auth = auth
+                    if settings.rate_limit > 0:
+                        node.rate_limit = RateLimiter(settings.rate_limit)
                     if pool.runtime is not None:  # actor classes call others through it
                         pool.runtime.remote = functools.partial(node.call, pool)
                     await node.adopt(placement)
@@ -260,6 +279,8 @@ async def _serve(
                         await node.adopt(registered)
                     await background.start(node.run_lease)
                     await background.start(node.run_watcher)
+                    if auth.required:
+                        background.start_soon(_follow_revocations, directory, auth)
                     if node_spec is not None:
                         await node.wait_for_peers(node_spec.procs, node_spec.since)
                     host, port = rpc_addresses[0]
@@ -271,6 +292,7 @@ async def _serve(
                         max_open_actors=config.max_open_actors,
                         node=record.id,
                         shards=sorted(node.served),
+                        auth=auth.required,
                     )
                     # Everything allocated so far (modules, the app) lives as long as the
                     # process: keep it out of the cyclic collector's full passes, which
@@ -285,6 +307,31 @@ async def _serve(
         with trio.CancelScope(shield=True):
             await holder[0].lease.revoke()
         outer.cancel_scope.cancel()
+
+
+def _auth_for(settings: Settings, data: str) -> tuple[Auth, Callable[[], str | None]]:
+    """The token checker, and this process's host credential for its peers."""
+    required = settings.auth_required()
+    if not required:
+        return Auth({}, required=False), lambda: None
+    secrets = settings.auth_secrets
+    keys = load_keys(data, secrets, create=True)
+    kid, secret = signing_key(data, secrets)
+
+    def credential() -> str:
+        return create_token(kid, secret, pattern="*", perm=PEER, ttl_s=PEER_TTL_S)[0]
+
+    return Auth(keys, required=True), credential
+
+
+async def _follow_revocations(directory: Directory, auth: Auth) -> None:
+    """Keep the set of revoked token ids current (every REVOKED_POLL_S)."""
+    while True:
+        try:
+            auth.revoked = set(await directory.revoked_tokens())
+        except DirectoryUnavailable as exc:
+            log.warning("cannot read revoked tokens: %s", exc)
+        await trio.sleep(REVOKED_POLL_S)
 
 
 def _locate_by(holder: list[Node]) -> Callable[[str], str]:

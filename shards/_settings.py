@@ -9,6 +9,7 @@ a test checks that it is current.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
 class Setting(msgspec.Struct, frozen=True):
     name: str
     default: Any
-    kind: str  # "str" | "int" | "size" | "duration" | "choice" | "addr"
+    kind: str  # "str" | "int" | "float" | "size" | "duration" | "choice" | "addr"
     help: str
     choices: tuple[str, ...] = ()
 
@@ -97,6 +98,35 @@ SETTINGS: tuple[Setting, ...] = (
         DEFAULT_SLOTS,
         "int",
         "Hash slots of a new cluster (keys map to slots, slots to shards); fixed at creation.",
+    ),
+    Setting(
+        "auth",
+        "auto",
+        "choice",
+        "Tokens: required (every request carries one: `shardlite ops token create`), off, "
+        "or auto: required unless both listen addresses are loopback.",
+        choices=("auto", "required", "off"),
+    ),
+    Setting(
+        "auth_secret",
+        "",
+        "str",
+        "Secrets tokens are signed with, comma-separated (the first signs; all verify, for "
+        "rotation). Give every host of a cluster the same. Default: DATA/auth-keys.json.",
+    ),
+    Setting(
+        "rate_limit",
+        0.0,
+        "float",
+        "Requests per second one actor key may send (bursts of twice that); past it 429 "
+        "rate_limited with Retry-After. 0: no limit.",
+    ),
+    Setting(
+        "max_memory",
+        0,
+        "size",
+        "A hard cap on the SQLite heap of each shard process (all actors together); a "
+        "statement that needs more fails alone. 0: no cap.",
     ),
     Setting(
         "app",
@@ -272,6 +302,7 @@ def parse_addr(text: str) -> tuple[str, int]:
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
     "int": int,
+    "float": float,
     "size": parse_size,
     "duration": parse_duration,
     "choice": str,
@@ -292,6 +323,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lease_ttl: float = DEFAULT_LEASE_TTL_S
     shards: int = 0
     slots: int = DEFAULT_SLOTS
+    auth: str = "auto"
+    auth_secret: str = ""
+    rate_limit: float = 0.0
+    max_memory: int = 0
     app: str = ""
     call_timeout: float = defaults.DEFAULT_CALL_TIMEOUT_S
     durability: str = Durability.LOG.value
@@ -314,6 +349,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     log_level: str = "info"
 
+    @property
+    def auth_secrets(self) -> list[str]:
+        return [p.strip() for p in self.auth_secret.split(",") if p.strip()]
+
+    def auth_required(self) -> bool:
+        """``--auth auto``: required unless both listen addresses are loopback."""
+        if self.auth != "auto":
+            return self.auth == "required"
+        return not (is_loopback_host(self.http[0]) and is_loopback_host(self.rpc[0]))
+
     def actor_config(self, max_open_actors: int | None = None) -> ActorConfig:
         return ActorConfig(
             durability=Durability(self.durability),
@@ -333,6 +378,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_checkpoint_interval_s=self.log_checkpoint_interval,
             call_timeout_s=self.call_timeout,
         )
+
+
+def is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def parse_setting(setting: Setting, value: Any) -> Any:
