@@ -11,6 +11,7 @@ import re
 
 from . import (
     bench_actors,
+    bench_auth,
     bench_coldstart,
     bench_durable,
     bench_http,
@@ -32,6 +33,7 @@ SECTIONS: dict[str, str] = {
         bench_coldstart,
         bench_actors,
         bench_loadtest,
+        bench_auth,
     )
 }
 DOC = os.path.join(

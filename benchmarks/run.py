@@ -3,7 +3,7 @@
     python -m benchmarks [section ...] [--quick] [--runs N] [--write | --no-write]
     python benchmarks/run.py ...
 
-Sections: inprocess, rpc, durable, router, http, coldstart, actors, loadtest (default: all, in that order).
+Sections: inprocess, rpc, durable, router, http, coldstart, actors, loadtest, auth (default: all, in that order).
 ``--quick`` is a smoke run of a few seconds per section; it leaves docs/benchmarks.md
 alone unless ``--write`` is given.
 """
@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks import (
     bench_actors,
+    bench_auth,
     bench_coldstart,
     bench_durable,
     bench_http,
@@ -46,6 +47,7 @@ RUNNERS: dict[str, Callable[[Options], SectionResult]] = {
         bench_coldstart,
         bench_actors,
         bench_loadtest,
+        bench_auth,
     )
 }
 MIN_RUNS = 3

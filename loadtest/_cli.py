@@ -129,6 +129,9 @@ class _Dist(click.ParamType):  # type: ignore[type-arg]
     help=f"Exit with status {EXIT_TOO_MANY_ERRORS} when errors exceed this share of requests.",
 )
 @click.option("--allow-remote", is_flag=True, help="Allow a target that is not a loopback address.")
+@click.option(
+    "--token", envvar="SHARDLITE_TOKEN", default="", help="Access token [env: SHARDLITE_TOKEN]."
+)
 @click.option("--quiet", is_flag=True, help="No live progress line.")
 @click.pass_context
 def loadtest(ctx: click.Context, /, **opts: Any) -> None:
@@ -172,6 +175,7 @@ def loadtest(ctx: click.Context, /, **opts: Any) -> None:
             key_prefix=opts["key_prefix"],
             seed=opts["seed"],
             setup=not opts["no_setup"],
+            token=opts["token"] or "",
         )
         check(spec)
     except ValueError as exc:

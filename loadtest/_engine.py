@@ -32,6 +32,8 @@ LOWEST_US, HIGHEST_US, DIGITS = 1, 60_000_000, 3
 """Histograms count microseconds from 1 µs to 60 s, at 3 significant digits."""
 PROGRESS_EVERY_S = 0.25
 STALL_TIMEOUT_S = 30.0
+AUTH_ID = (1 << 63) + 1
+"""Request id of the authentication frame (above every id the run uses)."""
 MAX_RPC_CONNECTIONS = 16
 
 
@@ -151,20 +153,41 @@ _decode_reply = msgspec.msgpack.Decoder(_Reply).decode
 class _RpcConn:
     __slots__ = ("buf", "outstanding", "sent_at", "sock")
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, token: str) -> None:
         self.sock = socket.create_connection((target.host, target.port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if token:
+            _authenticate(self.sock, token)
         self.sock.setblocking(False)
         self.buf = b""
         self.outstanding = 0
         self.sent_at: dict[int, float] = {}
 
 
+def _authenticate(sock: socket.socket, token: str) -> None:
+    """The token first, on the still-blocking socket; raise if it is refused."""
+    from shardlite.router import wire
+
+    sock.sendall(wire.request_frame(AUTH_ID, "", wire.Authenticate(token)))
+    reader = wire.FrameReader()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection during authentication")
+        frames = reader.feed(data)
+        if frames:
+            reply = wire.response_decoder.decode(frames[0])
+            if reply.status != wire.STATUS_OK:
+                error = msgspec.msgpack.decode(reply.body)
+                raise PermissionError(f"the token was refused: {error.get('message')}")
+            return
+
+
 def run_rpc(spec: LoadSpec, target: Target, scenario: Scenario, rec: Recorder, procs: int) -> None:
     per_proc = max(1, spec.concurrency // procs)
     nconns = spec.connections or min(per_proc, MAX_RPC_CONNECTIONS)
     window = max(1, math.ceil(per_proc / nconns))
-    conns = [_RpcConn(target) for _ in range(nconns)]
+    conns = [_RpcConn(target, spec.token) for _ in range(nconns)]
     pacer = Pacer(spec, procs, rec.start)
     ep = select.epoll()
     by_fd = {c.sock.fileno(): c for c in conns}

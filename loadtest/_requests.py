@@ -47,6 +47,7 @@ class Scenario:
         self.rng = random.Random(spec.seed * 7919 + worker)
         self._ids = itertools.count(INSERTED_ID_BASE + (worker << 40))
         self.value = "x" * spec.value_bytes
+        self.auth_header = f"Authorization: Bearer {spec.token}\r\n" if spec.token else ""
 
     def kind(self) -> str:
         """Which operation the next request is: insert, read, kv_get, kv_put, batch, call, ping."""
@@ -82,7 +83,7 @@ class Scenario:
         """The next HTTP request, bytes on the wire (JSON bodies, keep-alive)."""
         kind = self.kind()
         if kind == "ping":
-            return f"GET /livez HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+            return f"GET /livez HTTP/1.1\r\nHost: {host}\r\n{self.auth_header}\r\n".encode()
         key = quote(self.keys.name(self.keys.next()), safe="")
         op = self.shardlite_op(kind)
         base = f"/v1/actors/{key}"
@@ -99,7 +100,7 @@ class Scenario:
             call: CallMethod = op
             method, path, body = "POST", f"{base}/call/{call.method}", {"args": call.args}
         data = b"" if body is None else json.dumps(body).encode()
-        head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+        head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{self.auth_header}"
         if data:
             head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
         return head.encode() + b"\r\n" + data

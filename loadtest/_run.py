@@ -114,7 +114,7 @@ async def _setup_shardlite(spec: LoadSpec, target: Target, keys: list[int]) -> N
         statements.append((SQLITE_FILL, [spec.rows]))
     todo = iter(keys)
     url = f"{target.kind}://{target.host}:{target.port}"
-    async with shardlite.connect_async(url) as client:
+    async with shardlite.connect_async(url, token=spec.token or None) as client:
 
         async def worker() -> None:
             for i in todo:
@@ -261,7 +261,7 @@ def merge(
         )
     return {
         "shardlite_loadtest": 1,
-        "config": msgspec.to_builtins(spec),
+        "config": {**msgspec.to_builtins(spec), "token": "***" if spec.token else ""},
         "target": {
             "kind": target.kind,
             "url": _redact(target.url),

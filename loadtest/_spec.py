@@ -78,6 +78,8 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True):
     connections: int = 0
     """RPC connections per generator process (0: chosen from the concurrency)."""
     value_bytes: int = 16
+    token: str = ""
+    """An access token for servers that require one (never written to results)."""
 
 
 class Target(msgspec.Struct, frozen=True):
