@@ -39,6 +39,7 @@ NAME = "auth"
 TITLE = "Tokens and a noisy neighbour: what isolation costs"
 DEFAULT_RUNS = 3
 VICTIM_RATE = 500.0
+QUIET_AFTER_NOISE_S = 15.0
 
 
 def _verify_costs(workdir: str) -> dict[str, float]:
@@ -138,6 +139,8 @@ def _victim(opts: Options, seconds: float) -> dict[str, list[dict[str, Any]]]:
             finally:
                 noisy.kill()
                 noisy.wait()
+            # what it left queued (and its actor's pauses) drain before the next "alone"
+            time.sleep(QUIET_AFTER_NOISE_S)
     finally:
         server.stop()
     return out

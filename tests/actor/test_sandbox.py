@@ -53,13 +53,49 @@ DENIED = [
     "CREATE TEMP TABLE tt(a)",
     "CREATE TEMP VIEW tv AS SELECT 1",
     "CREATE VIRTUAL TABLE d USING dbstat",
+    "ATTACH DATABASE 'file:other.db?mode=rwc' AS other",
+    "ATTACH DATABASE ':memory:' AS scratch",
+    "SELECT * FROM _shardlite_lsn",
+    "UPDATE _shardlite_lsn SET lsn = 0",
+    "SELECT * FROM _shardlite_idem",
+    "INSERT INTO _shardlite_alarms VALUES ('x', 0, NULL, 0)",
+    "DELETE FROM _shardlite_workflows",
+    "SELECT * FROM sqlite_temp_master",
+    "PRAGMA legacy_alter_table = ON",
+    "PRAGMA recursive_triggers = ON",
+    "PRAGMA foreign_keys = OFF",
+    "PRAGMA cell_size_check = OFF",
+    "PRAGMA data_store_directory = '/tmp'",
+    "PRAGMA temp_store_directory = '/tmp'",
+    "PRAGMA key = 'x'",
+    "PRAGMA main.page_size = 512",
+    "PRAGMA auto_vacuum = FULL",
+    "VACUUM",
+    "SELECT writefile('/tmp/shardlite-pwned', 'x')",
+    "SELECT readfile('/etc/passwd')",
+    "SELECT edit('x')",
+    "SELECT fts3_tokenizer('simple')",
 ]
 
 
+def _files_except(root: Path, mine: str) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under ``root`` but the actor ``mine``'s own."""
+    out = {}
+    for path in root.rglob("*"):
+        if path.is_file() and not path.name.startswith(mine):
+            st = path.stat()
+            out[str(path)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 @pytest.mark.parametrize("sql", DENIED)
-async def test_sandbox_refuses(pool: ActorPool, sql: str) -> None:
+async def test_sandbox_refuses(pool: ActorPool, sql: str, tmp_path: Path) -> None:
+    await pool.call("bystander", Sql("CREATE TABLE IF NOT EXISTS t(v)"))
+    await pool.call("bystander", Sql("INSERT INTO t VALUES ('theirs')"))
     await pool.call("victim", Sql("CREATE TABLE IF NOT EXISTS t(v)"))
     await pool.call("victim", Sql("INSERT INTO t VALUES (1)"))
+    before = _files_except(tmp_path, "victim")
+    outside = set(os.listdir("/tmp"))
     with pytest.raises(Error) as info:
         await pool.call("victim", Sql(sql))
     assert info.value.code in ("forbidden", "sql_error"), info.value
@@ -67,6 +103,28 @@ async def test_sandbox_refuses(pool: ActorPool, sql: str) -> None:
     # refused means nothing changed, and the actor still serves
     assert (await pool.call("victim", Sql("SELECT count(*) FROM t"))).rows == [(1,)]
     assert (await pool.call("victim", Sql("PRAGMA user_version"))).rows == [(0,)]
+    # no other file moved, none appeared outside, and the other tenant's data is intact
+    assert _files_except(tmp_path, "victim") == before
+    assert not {
+        n for n in set(os.listdir("/tmp")) - outside if "shardlite-pwned" in n or "exfiltrated" in n
+    }
+    assert (await pool.call("bystander", Sql("SELECT v FROM t"))).rows == [("theirs",)]
+
+
+async def test_functions_in_schema_objects_do_not_run(pool: ActorPool) -> None:
+    # a view may name a dangerous function; using it is refused like calling it directly
+    await pool.call("schemer", Sql("CREATE VIEW v AS SELECT load_extension('/tmp/evil.so') AS x"))
+    with pytest.raises(Error) as info:
+        await pool.call("schemer", Sql("SELECT * FROM v"))
+    assert info.value.code in ("forbidden", "sql_error")
+    await pool.call("schemer", Sql("CREATE TABLE t (a)"))
+    await pool.call(
+        "schemer",
+        Sql("CREATE TRIGGER tr AFTER INSERT ON t BEGIN SELECT load_extension('/tmp/evil.so'); END"),
+    )
+    with pytest.raises(Error):
+        await pool.call("schemer", Sql("INSERT INTO t VALUES (1)"))
+    assert (await pool.call("schemer", Sql("SELECT count(*) FROM t"))).rows == [(0,)]
 
 
 async def test_denial_message_names_the_problem(pool: ActorPool) -> None:
