@@ -285,10 +285,13 @@ class LogDurability:
         targets = [a for a in shard.unsynced if a.conn is not None and not a.busy]
         for i in range(0, len(targets), SYNC_CHUNK):
             chunk = [(a, a.last_lsn) for a in targets[i : i + SYNC_CHUNK]]
+            started = trio.current_time()
             done = await trio.to_thread.run_sync(self._sync_many, chunk)
             for actor, lsn in done:
                 self.file_durable(actor, lsn)
-            await trio.lowlevel.checkpoint()
+            # spread out: as long a pause as the chunk took, so the checkpointer takes at
+            # most half of the disk's flushes and the log's own flush is never starved
+            await trio.sleep(trio.current_time() - started)
         below = min(shard.unsynced.values(), default=shard.log.next_lsn())
         below = min(below, shard.flushed_lsn + 1)
         if self.before_trim is not None:

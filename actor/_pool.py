@@ -48,6 +48,8 @@ HOG_PAUSE_FACTOR = 4.0
 gets at most a fifth of the loop, and everyone else's requests keep flowing."""
 CREATE_THREADS = 4
 """Actor files created (which syncs their header) concurrently in worker threads."""
+CLOSE_THREADS = 2
+"""Actors closed (checkpoint and sync, then close) concurrently in worker threads."""
 
 _clock = time.monotonic
 
@@ -108,6 +110,7 @@ class ActorPool:
         self._open = 0
         self._closing = 0
         self._open_limiter = trio.CapacityLimiter(CREATE_THREADS)
+        self._close_limiter = trio.CapacityLimiter(CLOSE_THREADS)
         self.closing = False
         self.runtime: AppRuntime | None = None
         if app is not None:
@@ -385,7 +388,11 @@ class ActorPool:
         with trio.CancelScope(shield=True):
             lsn = actor.last_lsn
             try:
-                await trio.to_thread.run_sync(actor.checkpoint_blocking)
+                # at most CLOSE_THREADS at once: each close syncs a file, and a reaper pass
+                # that closes thousands of idle actors must not starve the log's flushes
+                await trio.to_thread.run_sync(
+                    actor.checkpoint_blocking, limiter=self._close_limiter
+                )
                 if not actor.broken:
                     self.durability.file_durable(actor, lsn)
             except apsw.Error:
