@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import apsw
-import msgspec
 import trio
 
 from . import _idempotency as idempotency
@@ -29,32 +28,21 @@ from ._config import ActorConfig
 from ._connection import LSN_GET, LSN_SET, open_actor_db
 from ._errors import (
     BadRequest,
-    Constraint,
     Error,
     Forbidden,
     Internal,
-    NotFound,
-    Overloaded,
-    QuotaExceeded,
-    SqlError,
-    Timeout,
     TooLarge,
     no_class_error,
 )
+from ._kvstore import apply_kv
 from ._ops import (
-    MAX_KV_LIST_LIMIT,
-    MAX_KV_NAME_BYTES,
     Batch,
     BatchResult,
-    Deleted,
     Inline,
     KvDelete,
     KvGet,
-    KvItems,
     KvList,
-    KvOk,
     KvPut,
-    KvValue,
     Op,
     Params,
     Result,
@@ -62,6 +50,7 @@ from ._ops import (
     SqlResult,
 )
 from ._sandbox import Authorizer, internal_sql
+from ._sqlerrors import map_error as _map_error
 
 if TYPE_CHECKING:
     from ._durability import DurabilityPolicy
@@ -74,19 +63,6 @@ PROGRESS_STEPS = 1000
 _SCHEMA_SQL_MAX = 1024
 _clock = time.monotonic
 _NO_DEADLINE = float("inf")
-_kv_encode = msgspec.msgpack.Encoder().encode
-_kv_decode: Callable[[Any], Any] = msgspec.msgpack.Decoder().decode
-
-_KV_GET = internal_sql("SELECT value FROM _shardlite_kv WHERE name = ?")
-_KV_PUT = internal_sql(
-    "INSERT INTO _shardlite_kv (name, value) VALUES (?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-)
-_KV_DELETE = internal_sql("DELETE FROM _shardlite_kv WHERE name = ?")
-_KV_LIST = internal_sql(
-    "SELECT name, value FROM _shardlite_kv WHERE name > ? AND name >= ? "
-    "AND (? IS NULL OR name < ?) ORDER BY name LIMIT ?"
-)
 # Transaction control is internal SQL too: a tenant's "COMMIT" must never hit our cached
 # statement, which SQLite would run without asking the authorizer again.
 _BEGIN = internal_sql("BEGIN")
@@ -713,49 +689,10 @@ class Actor:
         )
 
     def _apply_kv(self, op: Op) -> Result:
-        conn = self.conn
-        auth = self._auth
+        conn, auth = self.conn, self._auth
         assert conn is not None and auth is not None
         self._deadline = _NO_DEADLINE
-        if isinstance(op, KvList):
-            if not 0 < op.limit <= MAX_KV_LIST_LIMIT:
-                raise BadRequest(f"limit must be between 1 and {MAX_KV_LIST_LIMIT}, got {op.limit}")
-            upper = _prefix_upper_bound(op.prefix)
-            auth.trusted = True
-            try:
-                rows = conn.execute(
-                    _KV_LIST, (op.after or "", op.prefix, upper, upper, op.limit)
-                ).fetchall()
-            finally:
-                auth.trusted = False
-            return KvItems([(str(name), _kv_decode(value)) for name, value in rows])
-        name: str = op.name  # type: ignore[union-attr]
-        if len(name.encode("utf-8", "surrogatepass")) > MAX_KV_NAME_BYTES:
-            raise BadRequest(f"KV name is longer than {MAX_KV_NAME_BYTES} bytes")
-        auth.trusted = True
-        try:
-            if isinstance(op, KvGet):
-                rows = conn.execute(_KV_GET, (name,)).fetchall()
-                if not rows:
-                    raise NotFound(f"no KV entry named {name!r}")
-                return KvValue(_kv_decode(rows[0][0]))
-            if isinstance(op, KvPut):
-                try:
-                    encoded = _kv_encode(op.value)
-                except (TypeError, ValueError, OverflowError) as exc:
-                    raise BadRequest(f"KV value cannot be stored: {exc}") from None
-                if len(encoded) > self.config.max_value_bytes:
-                    raise TooLarge(
-                        f"KV value is {len(encoded)} bytes; the limit is {self.config.max_value_bytes}"
-                    )
-                conn.execute(_KV_PUT, (name, encoded))
-                return KvOk()
-            if isinstance(op, KvDelete):
-                conn.execute(_KV_DELETE, (name,))
-                return Deleted(conn.changes() > 0)
-        finally:
-            auth.trusted = False
-        raise BadRequest(f"unknown operation {type(op).__name__}")
+        return apply_kv(conn, auth, op, self.config.max_value_bytes)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -766,19 +703,6 @@ class Actor:
             "calls": self.calls,
             "wal_pages": self.wal_pages,
         }
-
-
-def _prefix_upper_bound(prefix: str) -> str | None:
-    """The smallest string above every string that starts with ``prefix`` (BINARY order)."""
-    while prefix:
-        last = ord(prefix[-1])
-        if last < 0x10FFFF:
-            nxt = last + 1
-            if 0xD800 <= nxt <= 0xDFFF:
-                nxt = 0xE000
-            return prefix[:-1] + chr(nxt)
-        prefix = prefix[:-1]
-    return None
 
 
 _FETCH_CHUNK = 256
@@ -828,32 +752,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, KeyError):
         return f"no value for named parameter {exc.args[0]!r}"
     return str(exc)
-
-
-def _map_error(exc: apsw.Error, auth: Authorizer | None) -> Error:
-    """Translate an apsw exception into the shardlite error a user should see."""
-    message = str(exc)
-    if isinstance(exc, apsw.AuthError):
-        reason = auth.denied if auth is not None and auth.denied else message
-        if auth is not None:
-            auth.denied = None
-        return Forbidden(f"not allowed by the sandbox: {reason}")
-    if isinstance(exc, (apsw.ConstraintError, apsw.MismatchError)):
-        return Constraint(message)
-    if isinstance(exc, apsw.InterruptError):
-        return Timeout(
-            "the statement ran past its time budget and was interrupted; nothing was written"
-        )
-    if isinstance(exc, apsw.TooBigError):
-        return TooLarge(f"{message} (a string, blob or statement is over the configured limit)")
-    if isinstance(exc, apsw.FullError):
-        return QuotaExceeded(
-            "the actor's database reached its size quota; delete data to write again"
-        )
-    if isinstance(exc, (apsw.BindingsError, apsw.RangeError)):
-        return BadRequest(f"bad parameters: {message}")
-    if isinstance(exc, apsw.NoMemError):
-        return Overloaded("the server is out of SQLite memory; retry later")
-    if isinstance(exc, (apsw.SQLError, apsw.ReadOnlyError)):
-        return SqlError(message)
-    return Internal(f"{type(exc).__name__}: {message}")

@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import apsw
 import msgspec
 
-from ._actor import _map_error
 from ._errors import BadRequest, Error, NotFound
 from ._ops import KvDelete, KvGet, KvList, KvPut, Params, SqlResult
 from ._sandbox import internal_sql
+from ._sqlerrors import map_error
 
 if TYPE_CHECKING:
     from ._actor import Actor as Executor
@@ -108,7 +108,7 @@ class Db:
         try:
             return executor._exec_sql(sql, params)
         except apsw.Error as exc:
-            raise _map_error(exc, executor._auth) from None
+            raise map_error(exc, executor._auth) from None
 
 
 class Kv:

@@ -20,8 +20,8 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, NamedTuple
 
 import apsw
 import msgspec
@@ -47,6 +47,7 @@ from ._ops import (
     WorkflowList,
 )
 from ._sandbox import internal_sql
+from ._sqlerrors import map_error
 from ._workflow import WORKFLOW_DDL, WorkflowEngine, is_workflow_alarm
 
 log = logging.getLogger("shardlite.app")
@@ -70,6 +71,13 @@ _RELEASE = internal_sql("RELEASE alarm")
 _ROLLBACK_TO = internal_sql("ROLLBACK TO alarm")
 _HAS_ALARMS = internal_sql("SELECT count(*) FROM sqlite_schema WHERE name = '_shardlite_alarms'")
 _encode = msgspec.msgpack.Encoder().encode
+
+
+class _Due(NamedTuple):
+    name: str
+    at: float
+    payload: Any
+    attempts: int
 
 
 class AppRuntime:
@@ -263,23 +271,36 @@ class AppRuntime:
         executor.alarms_dirty = True  # whatever happens, report the next time afterwards
         return [(str(n), float(a), p, int(t)) for n, a, p, t in rows]  # type: ignore[arg-type]
 
-    def _fire_sync(self, executor: Executor) -> Result:
-        resumed: list[str] = []
+    def _user_alarms(self, executor: Executor, resumed: list[str]) -> Iterator[_Due]:
+        """The due alarms for ``on_alarm``, each inside a savepoint of its own (finish it
+        with :meth:`_alarm_done`); workflow wake-ups are handled here, into ``resumed``."""
         for name, at, payload, attempts in self._due(executor):
             if is_workflow_alarm(name):
                 self.workflows.on_alarm(executor, name, at, resumed)
                 continue
             self._internal(executor, _SAVEPOINT)
             self.alarms_run += 1
+            yield _Due(name, at, _payload(payload), attempts)
+
+    def _alarm_done(self, executor: Executor, due: _Due, exc: BaseException | None) -> None:
+        """Keep the handler's writes and drop the alarm, or undo them and back it off."""
+        if exc is not None:
+            self._internal(executor, _ROLLBACK_TO)
+        self._internal(executor, _RELEASE)
+        if exc is None:
+            self._internal(executor, _DONE, (due.name, due.at))
+        else:
+            self._alarm_failed(executor, due.name, due.at, due.attempts, exc)
+
+    def _fire_sync(self, executor: Executor) -> Result:
+        resumed: list[str] = []
+        for due in self._user_alarms(executor, resumed):
             try:
-                executor.instance.on_alarm(name, _payload(payload))
+                executor.instance.on_alarm(due.name, due.payload)
             except Exception as exc:
-                self._internal(executor, _ROLLBACK_TO)
-                self._internal(executor, _RELEASE)
-                self._alarm_failed(executor, name, at, attempts, exc)
+                self._alarm_done(executor, due, exc)
                 continue
-            self._internal(executor, _RELEASE)
-            self._internal(executor, _DONE, (name, at))
+            self._alarm_done(executor, due, None)
         return CallResult(resumed)
 
     async def _run_async_fire(self, sink: Sink, tag: Any, executor: Executor) -> Any:
@@ -290,22 +311,14 @@ class AppRuntime:
         token = current_executor.set(executor)
         resumed: list[str] = []
         try:
-            for name, at, payload, attempts in self._due(executor):
-                if is_workflow_alarm(name):
-                    self.workflows.on_alarm(executor, name, at, resumed)
-                    continue
-                self._internal(executor, _SAVEPOINT)
-                self.alarms_run += 1
+            for due in self._user_alarms(executor, resumed):
                 try:
                     with trio.fail_after(self.config.call_timeout_s):
-                        await executor.instance.on_alarm(name, _payload(payload))
+                        await executor.instance.on_alarm(due.name, due.payload)
                 except Exception as exc:
-                    self._internal(executor, _ROLLBACK_TO)
-                    self._internal(executor, _RELEASE)
-                    self._alarm_failed(executor, name, at, attempts, exc)
+                    self._alarm_done(executor, due, exc)
                     continue
-                self._internal(executor, _RELEASE)
-                self._internal(executor, _DONE, (name, at))
+                self._alarm_done(executor, due, None)
         finally:
             current_executor.reset(token)
         await self._finish(
@@ -394,9 +407,7 @@ class AppRuntime:
         except Error as exc:
             result = exc
         except apsw.Error as exc:
-            from ._actor import _map_error
-
-            result = _map_error(exc, executor._auth)
+            result = map_error(exc, executor._auth)
         except TypeError as exc:
             result = _bad_args(m, op.args, op.kwargs, exc)
         except Exception as exc:

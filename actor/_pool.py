@@ -25,7 +25,7 @@ from typing import Any
 import apsw
 import trio
 
-from ._actor import Actor, Call, Exclusive, Sink, State, _map_error, sync_directory
+from ._actor import Actor, Call, Exclusive, Sink, State, sync_directory
 from ._app import App
 from ._appruntime import DELIVERED, AppRuntime
 from ._config import ActorConfig
@@ -34,6 +34,7 @@ from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
 from ._keys import resolve_actor_path, validate_key
 from ._logdurability import LogDurability
 from ._ops import Deleted, ExportResult, Inline, Op
+from ._sqlerrors import map_error
 
 log = logging.getLogger("shardlite.actor")
 
@@ -665,7 +666,7 @@ def _remove_file(result: Any) -> None:
 
 def _open_error(actor: Actor, exc: BaseException) -> Error:
     if isinstance(exc, apsw.Error):
-        err = _map_error(exc, None)
+        err = map_error(exc, None)
         if err.code == "internal":
             return Internal(f"cannot open actor {actor.key!r}: {exc}")
         return err

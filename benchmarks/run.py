@@ -3,7 +3,8 @@
     python -m benchmarks [section ...] [--quick] [--runs N] [--write | --no-write]
     python benchmarks/run.py ...
 
-Sections: inprocess, rpc, durable, router, http, coldstart, actors, loadtest, auth (default: all, in that order).
+Sections: inprocess, rpc, durable, router, http, coldstart, actors, loadtest, auth
+(default: all, in that order).
 ``--quick`` is a smoke run of a few seconds per section; it leaves docs/benchmarks.md
 alone unless ``--write`` is given.
 """
@@ -22,33 +23,11 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "benchmarks"
 
-from benchmarks import (
-    bench_actors,
-    bench_auth,
-    bench_coldstart,
-    bench_durable,
-    bench_http,
-    bench_inprocess,
-    bench_loadtest,
-    bench_router,
-    bench_rpc,
-    report,
-)
+from benchmarks import report
 from benchmarks.common import LOAD_CPU, Options, SectionResult
 
 RUNNERS: dict[str, Callable[[Options], SectionResult]] = {
-    m.NAME: m.run
-    for m in (
-        bench_inprocess,
-        bench_rpc,
-        bench_durable,
-        bench_router,
-        bench_http,
-        bench_coldstart,
-        bench_actors,
-        bench_loadtest,
-        bench_auth,
-    )
+    m.NAME: m.run for m in report.SECTION_MODULES
 }
 MIN_RUNS = 3
 

@@ -164,23 +164,34 @@ class _RpcConn:
         self.sent_at: dict[int, float] = {}
 
 
-def _authenticate(sock: socket.socket, token: str) -> None:
-    """The token first, on the still-blocking socket; raise if it is refused."""
+def rpc_exchange(sock: socket.socket, req_id: int, op: Any) -> Any:
+    """Send one request on a blocking socket and return its decoded result; an error
+    reply raises PermissionError with its message."""
     from shardlite.router import wire
 
-    sock.sendall(wire.request_frame(AUTH_ID, "", wire.Authenticate(token)))
+    sock.sendall(wire.request_frame(req_id, "", op))
     reader = wire.FrameReader()
     while True:
         data = sock.recv(65536)
         if not data:
-            raise ConnectionError("the server closed the connection during authentication")
+            raise ConnectionError("the server closed the connection")
         frames = reader.feed(data)
         if frames:
             reply = wire.response_decoder.decode(frames[0])
+            body = msgspec.msgpack.decode(reply.body)
             if reply.status != wire.STATUS_OK:
-                error = msgspec.msgpack.decode(reply.body)
-                raise PermissionError(f"the token was refused: {error.get('message')}")
-            return
+                raise PermissionError(str(body.get("message", body)))
+            return body
+
+
+def _authenticate(sock: socket.socket, token: str) -> None:
+    """The token first, on the still-blocking socket; raise if it is refused."""
+    from shardlite.router import wire
+
+    try:
+        rpc_exchange(sock, AUTH_ID, wire.Authenticate(token))
+    except PermissionError as exc:
+        raise PermissionError(f"the token was refused: {exc}") from None
 
 
 def run_rpc(spec: LoadSpec, target: Target, scenario: Scenario, rec: Recorder, procs: int) -> None:

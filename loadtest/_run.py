@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import trio
 
-from ._engine import RUNNERS, Recorder, new_histogram
+from ._engine import RUNNERS, Recorder, new_histogram, rpc_exchange
 from ._requests import KV_NAMES, Scenario
 from ._spec import (
     PG_FILL,
@@ -75,22 +75,11 @@ def preflight(target: Target) -> str:
 
 
 def _rpc_ping(target: Target) -> str:
-    """One ``ping`` frame (touches no actor); the server's name from the reply."""
+    """One ``ping`` (touches no actor); the server's name from the reply."""
     from shardlite.router import wire
 
     with socket.create_connection((target.host, target.port), timeout=CONNECT_TIMEOUT_S) as sock:
-        sock.sendall(wire.request_frame(1, "", wire.Ping()))
-        reader = wire.FrameReader()
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                raise OSError("the server closed the connection")
-            frames = reader.feed(data)
-            if frames:
-                reply = wire.response_decoder.decode(frames[0])
-                if reply.status != wire.STATUS_OK:
-                    raise OSError(f"ping refused: {msgspec.msgpack.decode(reply.body)}")
-                return str(msgspec.msgpack.decode(reply.body)[0])
+        return str(rpc_exchange(sock, 1, wire.Ping())[0])
 
 
 def setup(spec: LoadSpec, target: Target, say: Callable[[str], None]) -> float:
