@@ -86,7 +86,7 @@ class Counter(shardlite.Actor):
 
     @shardlite.method
     async def slow(self) -> None:
-        await trio.sleep(5)
+        await trio.sleep_forever()  # only the call timeout ends it
 
 
 class Alarmed(shardlite.Actor):
@@ -119,7 +119,7 @@ class Alarmed(shardlite.Actor):
 
 class AsyncAlarmed(Alarmed):
     async def on_alarm(self, name: str, payload: Any) -> None:  # type: ignore[override]
-        await trio.sleep(0.01)  # an await inside the alarm's transaction
+        await trio.lowlevel.checkpoint()  # an await inside the alarm's transaction
         self.db.sql("INSERT INTO fired VALUES (?, ?, ?)", [name, repr(payload), time.time()])
         if name == "bad":
             raise RuntimeError("rolled back, retried")
@@ -335,14 +335,19 @@ async def test_alarms_fire_retry_and_survive_restarts(
 async def test_alarm_wakes_a_closed_actor(tmp_path: Path) -> None:
     config = ActorConfig(idle_timeout_s=0.2, call_timeout_s=2.0)
     async with open_actor_pool(config, str(tmp_path), app=APP) as pool:
-        await call(pool, "alarm-3", "arm", "wake", 1.0)
-        await trio.sleep(0.6)
-        assert pool.statistics()["actors_open"] == 0  # passivated before the alarm
+        await call(pool, "alarm-3", "arm", "wake", 3.0)
 
-        async def fired() -> Any:
-            return await call(pool, "alarm-3", "fired")
+        async def closed() -> bool:
+            return bool(pool.statistics()["actors_open"] == 0)
 
-        assert [r[0] for r in await wait_for(fired)] == ["wake"]
+        await wait_for(closed)  # passivated before the alarm is due
+        opened = pool.statistics()["opened"]
+
+        async def reopened() -> bool:  # by the scheduler: nobody calls the actor meanwhile
+            return bool(pool.statistics()["opened"] > opened)
+
+        await wait_for(reopened)
+        assert [r[0] for r in await call(pool, "alarm-3", "fired")] == ["wake"]
 
 
 async def test_async_alarm_handlers_run_in_a_transaction(tmp_path: Path) -> None:
