@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -16,26 +17,18 @@ from ._spec import SCENARIOS, LoadSpec, check, parse_dist, parse_duration, parse
 EXIT_TOO_MANY_ERRORS = 3
 
 
-class _Duration(click.ParamType):  # type: ignore[type-arg]
-    name = "DURATION"
+class _Parsed(click.ParamType):  # type: ignore[type-arg]
+    """An option parsed by one of the spec's parsers; its ValueError is the usage error."""
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> float:
-        if isinstance(value, float):
-            return value
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self._parse = parse
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if not isinstance(value, str):
+            return value  # a default already parsed
         try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
-class _Dist(click.ParamType):  # type: ignore[type-arg]
-    name = "DIST"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, float]:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_dist(str(value))
+            return self._parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
@@ -52,14 +45,14 @@ class _Dist(click.ParamType):  # type: ignore[type-arg]
 )
 @click.option(
     "--dist",
-    type=_Dist(),
+    type=_Parsed("DIST", parse_dist),
     default="uniform",
     show_default=True,
     help="Key distribution: uniform, zipf:S, hot (one key), cold (each key once).",
 )
 @click.option(
     "--duration",
-    type=_Duration(),
+    type=_Parsed("DURATION", parse_duration),
     default="10s",
     show_default=True,
     help="How long to drive load (30s, 2m, ...).",
