@@ -3,7 +3,8 @@
 Public API for the layers above (``router/``, ``shards/``); nothing here imports them.
 """
 
-from ._actor import Actor, Call, Exclusive, Sink, State
+from ._actor import Actor, Call, Exclusive, Sink, State, sync_directory
+from ._alarms import AlarmIndex
 from ._app import Actor as ActorBase
 from ._app import App, load_app, method, workflow
 from ._appruntime import AppRuntime
@@ -32,7 +33,15 @@ from ._errors import (
     WrongShard,
     error_from_dict,
 )
-from ._keys import MAX_KEY_BYTES, key_hash, key_to_relpath, relpath_to_key, validate_key
+from ._handoff import check_actor_file, sha256_file, shard_of_path
+from ._keys import (
+    MAX_KEY_BYTES,
+    key_hash,
+    key_to_relpath,
+    relpath_to_key,
+    resolve_actor_path,
+    validate_key,
+)
 from ._logdurability import LogDurability
 from ._ops import (
     Batch,
@@ -62,6 +71,7 @@ from ._ops import (
     WorkflowList,
 )
 from ._pool import ActorPool, Waiter, open_actor_pool
+from ._shardlog import raise_log_epoch, read_log_epoch
 from ._workflow import Workflow
 
 __all__ = [
@@ -71,6 +81,7 @@ __all__ = [
     "ActorBase",
     "ActorConfig",
     "ActorPool",
+    "AlarmIndex",
     "App",
     "AppRuntime",
     "BadRequest",
@@ -127,6 +138,7 @@ __all__ = [
     "WorkflowItems",
     "WorkflowList",
     "WrongShard",
+    "check_actor_file",
     "error_from_dict",
     "fdatasync_wal",
     "key_hash",
@@ -135,7 +147,13 @@ __all__ = [
     "make_durability",
     "method",
     "open_actor_pool",
+    "raise_log_epoch",
+    "read_log_epoch",
     "relpath_to_key",
+    "resolve_actor_path",
+    "sha256_file",
+    "shard_of_path",
+    "sync_directory",
     "validate_key",
     "workflow",
 ]

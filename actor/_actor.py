@@ -194,6 +194,8 @@ class Actor:
         self.instance: Any = None  # the class's instance while the file is open
         self.app_ready = False  # instance made and migrations run since the open
         self.alarms_dirty = False  # the running transaction changed alarms
+        self.written: set[str] | None = None
+        """While its shard is being moved: the set of keys written since their copy."""
         # counters for statistics()
         self.batches = 0
         self.calls = 0
@@ -286,6 +288,7 @@ class Actor:
         released it. After a checkpoint the close itself is quick: run it inline.
         """
         conn, self.conn, self._cursor = self.conn, None, None
+        self.capture = None  # its preupdate hook belongs to this connection: a reopen makes anew
         self.instance = None
         self.app_ready = False
         try:
@@ -425,8 +428,7 @@ class Actor:
             mailbox.extendleft(reversed(calls[len(results) :]))
             del calls[len(results) :]
         self.calls += len(calls)
-        wrote, self._wrote = self._wrote, False
-        self.durability.committed(self, calls, results, wrote)
+        self._report_commit(calls, results)
         if self.alarms_dirty:
             self.runtime.alarms_changed(self)  # inline, right after COMMIT (see _alarms.py)
         self._after_schema_change()
@@ -453,8 +455,7 @@ class Actor:
             self.schema_changed = False
             self.alarms_dirty = False
             return exc if isinstance(exc, Error) else _map_error(exc, self._auth)
-        wrote, self._wrote = self._wrote, False
-        self.durability.committed(self, [], [], wrote)
+        self._report_commit([], [])
         self._after_schema_change()
         return None
 
@@ -484,9 +485,14 @@ class Actor:
             else:
                 self.durability.rolled_back(self)
             self.alarms_dirty = False
-        wrote, self._wrote = self._wrote, False
-        self.durability.committed(self, calls, results, wrote)
+        self._report_commit(calls, results)
         self._after_schema_change()
+
+    def _report_commit(self, calls: list[Call], results: list[Result | Error]) -> None:
+        wrote, self._wrote = self._wrote, False
+        if wrote and self.written is not None:
+            self.written.add(self.key)  # a shard move re-copies this file
+        self.durability.committed(self, calls, results, wrote)
 
     def _after_schema_change(self) -> None:
         if self.schema_changed:

@@ -40,6 +40,7 @@ MAX_FIRING = 1024
 IDLE_WAIT_S = 30.0
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 3600.0
+PAUSED_RETRY_S = 0.5
 
 
 class AlarmIndex:
@@ -110,6 +111,8 @@ class AlarmScheduler:
         self.fire: Callable[[str], None] = lambda key: None
         """Submit a fire call for ``key`` (set by the runtime); raises if it cannot."""
         self.fired = 0
+        self.paused: set[str] = set()
+        """Shards whose alarms wait (a move's cutover holds their requests)."""
 
     # ------------------------------------------------------------------ the index
 
@@ -136,6 +139,16 @@ class AlarmScheduler:
         self._wake.set()
         if rows:
             log.info("shard %s: %d actors with alarms", directory, len(rows))
+
+    def detach(self, directory: str) -> None:
+        """The shard no longer serves here: forget its index and its keys' alarms."""
+        index = self.indexes.pop(directory, None)
+        if index is not None:
+            index.close()
+        for key in [k for k, d in self.shard_of.items() if d == directory]:
+            del self.shard_of[key]
+            self.next_at.pop(key, None)
+            self._retries.pop(key, None)
 
     def note(self, key: str, directory: str, at: float | None) -> None:
         """``key``'s next alarm is now ``at`` (None: it has none). Inline, after COMMIT."""
@@ -198,6 +211,10 @@ class AlarmScheduler:
             while heap and heap[0][0] <= now and len(self.firing) < MAX_FIRING:
                 at, key = heapq.heappop(heap)
                 if self.next_at.get(key) != at or key in self.firing:
+                    continue
+                if self.paused and self.shard_of.get(key) in self.paused:
+                    self.next_at[key] = later = now + PAUSED_RETRY_S
+                    heapq.heappush(heap, (later, key))  # after now: not popped again here
                     continue
                 self.firing.add(key)
                 self.fired += 1

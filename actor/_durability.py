@@ -27,6 +27,7 @@ from ._config import ActorConfig, Durability
 from ._errors import Error, Internal
 from ._logdurability import LogDurability, drain_shard_log
 from ._ops import Result
+from ._shardlog import read_log_epoch
 
 log = logging.getLogger("shardlite.actor")
 
@@ -42,6 +43,12 @@ class DurabilityPolicy(Protocol):
 
     async def attach_shard(self, directory: str) -> None:
         """Before a shard serves: recover whatever its log holds."""
+
+    async def detach_shard(self, directory: str) -> None:
+        """The shard stopped serving here; every actor of it is closed."""
+
+    def log_epoch(self, directory: str) -> int:
+        """The shard log's epoch (0: none): a copy of the shard starts its log above it."""
 
     def creation_lsn(self, actor: Actor) -> int:
         """The log position a new actor file starts at."""
@@ -88,6 +95,12 @@ class _PerFileDurability:
         self.recovered_alarms[directory] = await trio.to_thread.run_sync(
             drain_shard_log, directory, self.config
         )
+
+    async def detach_shard(self, directory: str) -> None:
+        pass
+
+    def log_epoch(self, directory: str) -> int:
+        return read_log_epoch(directory)
 
     def creation_lsn(self, actor: Actor) -> int:
         return 0

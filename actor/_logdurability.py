@@ -35,11 +35,10 @@ from ._connection import LSN_GET, LSN_SET, open_actor_db
 from ._errors import Error, Internal
 from ._keys import resolve_actor_path
 from ._ops import Result
-from ._shardlog import Recovered, ShardLog, encode_record
+from ._shardlog import LOG_DIR, Recovered, ShardLog, encode_record, read_log_epoch
 
 log = logging.getLogger("shardlite.actor")
 
-LOG_DIR = "log"
 CHECKPOINT_POLL_S = 1.0
 SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
@@ -71,6 +70,7 @@ class _Shard:
         self.waiting: set[Actor] = set()
         self.unsynced: dict[Actor, int] = {}  # actor -> its oldest LSN not durable in its file
         self.wake = trio.Event()
+        self.scope = trio.CancelScope()  # its flusher and checkpointer
         self.limiter = trio.CapacityLimiter(1)
         self.rounds = 0
         self.bytes = 0
@@ -121,8 +121,30 @@ class LogDurability:
         shard.flushed_lsn = shard.buffered_lsn = shard_log.next_lsn() - 1
         self.shards[directory] = shard
         assert self._nursery is not None, "run() must be started before attach_shard()"
-        self._nursery.start_soon(self._run_flusher, shard)
-        self._nursery.start_soon(self._run_checkpointer, shard)
+        self._nursery.start_soon(self._run_shard, shard)
+
+    async def _run_shard(self, shard: _Shard) -> None:
+        with shard.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._run_flusher, shard)
+                nursery.start_soon(self._run_checkpointer, shard)
+
+    async def detach_shard(self, directory: str) -> None:
+        """The shard no longer serves here and every actor of it is closed (so its files
+        hold all its writes): stop its flusher and checkpointer, close its log."""
+        shard = self.shards.pop(directory, None)
+        if shard is None:
+            return
+        if shard.buffer or shard.waiting:
+            log.error("shard %s detached with %d records unflushed", directory, len(shard.buffer))
+        with trio.CancelScope(shield=True):
+            async with shard.limiter:  # not while the flusher writes
+                shard.scope.cancel()
+                shard.log.close()
+
+    def log_epoch(self, directory: str) -> int:
+        shard = self.shards.get(directory)
+        return shard.log.epoch if shard is not None else read_log_epoch(directory)
 
     def shard_of(self, actor: Actor) -> _Shard:
         shard: _Shard | None = actor.log_shard

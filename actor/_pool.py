@@ -31,6 +31,7 @@ from ._appruntime import DELIVERED, AppRuntime
 from ._config import ActorConfig
 from ._durability import DurabilityPolicy, make_durability
 from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
+from ._handoff import HandoffMixin
 from ._keys import resolve_actor_path, validate_key
 from ._logdurability import LogDurability
 from ._ops import Deleted, ExportResult, Inline, Op
@@ -90,7 +91,7 @@ class Waiter:
         return result
 
 
-class ActorPool:
+class ActorPool(HandoffMixin):
     """All the actors of one process. Open with :func:`open_actor_pool`."""
 
     def __init__(
@@ -105,6 +106,7 @@ class ActorPool:
         self.durability = durability if durability is not None else make_durability(config)
         self.durability.on_released = self._on_released
         self._actors: OrderedDict[str, Actor] = OrderedDict()
+        self._tracked: dict[str, set[str]] = {}  # shard directory -> keys written (moves)
         self._ready: deque[Actor] = deque()
         self._runner_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -157,6 +159,7 @@ class ActorPool:
             validate_key(key)
             path = resolve_actor_path(self._locate(key), key)
             actor = Actor(key, path, self.config, self.durability)
+            actor.written = self._tracking_set(path)
             if self.runtime is not None:
                 self.runtime.bind(actor)
             self._actors[key] = actor
@@ -522,6 +525,8 @@ class ActorPool:
             return existed
 
         existed = await trio.to_thread.run_sync(unlink)
+        if actor.written is not None:
+            actor.written.add(actor.key)
         if self.runtime is not None:
             self.runtime.deleted(actor.key, actor.path)
         return Deleted(existed)

@@ -34,6 +34,8 @@ SEQ_BITS = 40
 TYPE_ROWS = 1
 DEFAULT_SEGMENT_BYTES = 16 << 20
 EPOCH_FILE = "epoch"
+LOG_DIR = "log"
+"""The log's directory inside a shard's."""
 SEGMENT_SUFFIX = ".log"
 
 
@@ -55,6 +57,31 @@ class Recovered:
     records: dict[str, list[Record]] = field(default_factory=dict)
     count: int = 0
     torn: int = 0  # segments that ended in a torn or corrupt record
+
+
+def read_log_epoch(shard_directory: str) -> int:
+    """The epoch of a shard's log as its epoch file holds it (0: no log yet)."""
+    try:
+        with open(os.path.join(shard_directory, LOG_DIR, EPOCH_FILE), "rb") as f:
+            return int.from_bytes(f.read(8), "big")
+    except FileNotFoundError:
+        return 0
+
+
+def raise_log_epoch(shard_directory: str, epoch: int) -> None:
+    """Make the shard's log start above ``epoch`` when it next opens (a copy of a shard
+    from another host: its files hold LSNs of the source's log). Durable on return."""
+    directory = os.path.join(shard_directory, LOG_DIR)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    if read_log_epoch(shard_directory) >= epoch:
+        return
+    path = os.path.join(directory, EPOCH_FILE)
+    with open(path + ".tmp", "wb") as f:
+        f.write(epoch.to_bytes(8, "big"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    sync_directory(directory)
 
 
 def encode_record(lsn: int, key: str, payload: bytes) -> bytes:

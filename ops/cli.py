@@ -28,7 +28,6 @@ from shardlite.shards import (
     settings_markdown,
 )
 from shardlite.shards._auth import (
-    KEYS_FILE,
     PERMS,
     create_token,
     rotate_keys,
@@ -36,7 +35,10 @@ from shardlite.shards._auth import (
 )
 from shardlite.shards._settings import DEFAULT_DATA_DIR
 
+from ._nodes import auth_secrets, ops_token
 from ._output import jsonable, print_result, print_workflows
+from ._shell import shell
+from ._verbs import VERBS
 
 
 def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -245,7 +247,7 @@ def _param(text: str) -> Any:
 
 @main.group()
 def ops() -> None:
-    """Operate a cluster: status (more verbs: move, drain, backup, ... to come)."""
+    """Operate a cluster: status, move, drain, verify, backup, restore, token."""
 
 
 @ops.command()
@@ -268,33 +270,13 @@ def status(data: str, directory: str, as_json: bool) -> None:
     from ._status import gather_status, print_status
 
     try:
-        report = trio.run(gather_status, directory, data, _ops_token(data))
+        report = trio.run(gather_status, directory, data, ops_token(data))
     except (LookupError, ValueError, DirectoryUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(msgspec.json.encode(report).decode())
     else:
         print_status(report)
-
-
-def _ops_token(data: str) -> str | None:
-    """An admin token for the ops verbs: $SHARDLITE_TOKEN, else a one-minute token signed
-    with this host's keys (whoever can read them can mint any token anyway)."""
-    import os
-
-    if os.environ.get("SHARDLITE_TOKEN"):
-        return os.environ["SHARDLITE_TOKEN"]
-    secrets = _secrets()
-    if not secrets and not os.path.exists(os.path.join(data, KEYS_FILE)):
-        return None
-    kid, secret = signing_key(data, secrets)
-    return create_token(kid, secret, pattern="*", perm="admin", ttl_s=60)[0]
-
-
-def _secrets() -> list[str]:
-    import os
-
-    return [p.strip() for p in os.environ.get("SHARDLITE_AUTH_SECRET", "").split(",") if p.strip()]
 
 
 _data_option = click.option(
@@ -321,7 +303,7 @@ def token_create(pattern: str, perm: str, ttl: str, data: str, as_json: bool) ->
     """Print a new token (signed with $SHARDLITE_AUTH_SECRET, else DATA's newest key)."""
     try:
         ttl_s = parse_duration(ttl)
-        kid, secret = signing_key(data, _secrets())
+        kid, secret = signing_key(data, auth_secrets())
         value, claims = create_token(kid, secret, pattern=pattern, perm=perm, ttl_s=ttl_s)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -377,6 +359,9 @@ def token_rotate(data: str, retire: str | None) -> None:
 
 
 main.add_command(loadtest)
+main.add_command(shell)
+for _verb in VERBS:
+    ops.add_command(_verb)
 
 
 @main.command()

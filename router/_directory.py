@@ -26,6 +26,7 @@ from ._kv import Delete, DirectoryUnavailable, KvEntry, KvStore, Put, SqliteKv
 from ._placement import (
     ClusterRecord,
     HostRecord,
+    MoveRecord,
     NodeRecord,
     Placement,
     ShardRecord,
@@ -38,6 +39,7 @@ CLUSTER_KEY = PREFIX + "cluster"
 SHARDS = PREFIX + "shards/"
 NODES = PREFIX + "nodes/"
 HOSTS = PREFIX + "hosts/"
+MOVES = PREFIX + "moves/"
 REVOKED = "/shardlite-auth/revoked/"
 """Revoked token ids (outside PREFIX: placement reads do not carry them)."""
 DEFAULT_FILE = "directory.db"
@@ -55,6 +57,7 @@ class Directory:
         self.kv = kv
         self.url = kv.url
         self._mod: dict[tuple[str, int], int] = {}  # (shard, epoch) -> mod_revision read
+        self.move_mod: dict[str, int] = {}  # shard -> mod_revision of its move record read
 
     async def load(self) -> Placement | None:
         """The placement now (None: no cluster has been created yet)."""
@@ -63,6 +66,7 @@ class Directory:
         shards: dict[str, ShardRecord] = {}
         nodes: dict[str, NodeRecord] = {}
         hosts: dict[str, HostRecord] = {}
+        moves: dict[str, MoveRecord] = {}
         for entry in entries:
             key = entry.key
             if key == CLUSTER_KEY:
@@ -77,9 +81,15 @@ class Directory:
             elif key.startswith(HOSTS):
                 host = _decode(entry, HostRecord)
                 hosts[host.id] = host
+            elif key.startswith(MOVES):
+                move = _decode(entry, MoveRecord)
+                moves[move.shard] = move
+                self.move_mod[move.shard] = entry.mod_revision
+        for shard_id in set(self.move_mod) - set(moves):
+            del self.move_mod[shard_id]
         if cluster is None:
             return None
-        return Placement(revision, cluster, shards, nodes, hosts)
+        return Placement(revision, cluster, shards, nodes, hosts, moves=moves)
 
     async def create_cluster(self, slots: int, shards: int, owners: list[str]) -> bool:
         """Create the cluster with ``shards`` shards given round-robin to ``owners``.
@@ -107,6 +117,51 @@ class Directory:
         if mod is None:
             raise ValueError(f"{current.id} at epoch {current.epoch} was not read by load()")
         return await self.kv.txn([(SHARDS + current.id, mod)], [Put(SHARDS + new.id, _encode(new))])
+
+    def shard_mod(self, shard: ShardRecord) -> int:
+        mod = self._mod.get((shard.id, shard.epoch))
+        if mod is None:
+            raise ValueError(f"{shard.id} at epoch {shard.epoch} was not read by load()")
+        return mod
+
+    async def load_move(self, shard: str) -> tuple[MoveRecord | None, int]:
+        """The move record of ``shard`` now, and its mod_revision (0: none)."""
+        _, entries = await self.kv.get_prefix(MOVES + shard)
+        for entry in entries:
+            if entry.key == MOVES + shard:
+                return _decode(entry, MoveRecord), entry.mod_revision
+        return None, 0
+
+    async def put_move(self, move: MoveRecord, expect_mod: int) -> int:
+        """Write ``move`` if its record is still at ``expect_mod`` (0: absent); the new
+        mod_revision, or 0 if someone changed it first."""
+        if not await self.kv.txn(
+            [(MOVES + move.shard, expect_mod)], [Put(MOVES + move.shard, _encode(move))]
+        ):
+            return 0
+        record, mod = await self.load_move(move.shard)
+        return mod if record == move else 0
+
+    async def end_move(self, shard: str, expect_mod: int) -> bool:
+        return await self.kv.txn([(MOVES + shard, expect_mod)], [Delete(MOVES + shard)])
+
+    async def flip(
+        self,
+        move: MoveRecord,
+        move_mod: int,
+        changes: list[tuple[ShardRecord | None, ShardRecord]],
+        done: MoveRecord,
+    ) -> bool:
+        """The point of no return of a move or split, in one transaction: iff the move
+        record is still at ``move_mod`` (the source still holds its fence) and every
+        shard is as last loaded (None: must not exist), write the new shard records and
+        the move's next phase."""
+        compare = [(MOVES + move.shard, move_mod)]
+        ops: list[Put | Delete] = [Put(MOVES + move.shard, _encode(done))]
+        for current, new in changes:
+            compare.append((SHARDS + new.id, 0 if current is None else self.shard_mod(current)))
+            ops.append(Put(SHARDS + new.id, _encode(new)))
+        return await self.kv.txn(compare, ops)
 
     async def put_host(self, host: HostRecord, lease: int) -> None:
         await self.kv.txn([], [Put(HOSTS + host.id, _encode(host), lease)])

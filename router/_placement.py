@@ -58,6 +58,25 @@ class HostRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     http: str
 
 
+class MoveRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """A shard move (or split) in progress: what ``ops move --resume/--abort`` finish.
+
+    ``phase``: ``copy`` (the target copies while the source serves), ``fenced`` (the
+    source holds the shard's requests; ``fenced_by`` is the process that holds them),
+    ``flipped`` (the directory names the target: the point of no return).
+    """
+
+    shard: str
+    source: str  # owner node when the move began
+    target: str  # node that will own the shard
+    phase: str
+    started: float
+    epoch: int  # the shard's epoch when the move began
+    kind: str = "move"  # or "split"
+    new_shard: str = ""  # split: the shard that takes the upper half of the slots
+    fenced_by: str = ""
+
+
 class ShardLocation(msgspec.Struct, frozen=True):
     """Where a shard is served: what a ``wrong_shard`` error carries."""
 
@@ -80,7 +99,7 @@ class PlacementMap(msgspec.Struct, frozen=True):
 class Placement:
     """One snapshot of the directory, indexed for lookups by key."""
 
-    __slots__ = ("_owners", "_starts", "cluster", "hosts", "nodes", "revision", "shards")
+    __slots__ = ("_owners", "_starts", "cluster", "hosts", "moves", "nodes", "revision", "shards")
 
     def __init__(
         self,
@@ -89,8 +108,11 @@ class Placement:
         shards: dict[str, ShardRecord],
         nodes: dict[str, NodeRecord],
         hosts: dict[str, HostRecord] | None = None,
+        *,
+        moves: dict[str, MoveRecord] | None = None,
     ) -> None:
         self.revision = revision
+        self.moves = moves or {}
         self.cluster = cluster
         self.shards = shards
         self.nodes = nodes
@@ -163,6 +185,7 @@ __all__ = [
     "DEFAULT_SLOTS",
     "ClusterRecord",
     "HostRecord",
+    "MoveRecord",
     "NodeRecord",
     "Placement",
     "PlacementMap",

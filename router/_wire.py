@@ -107,6 +107,165 @@ class NodeStatus(msgspec.Struct):
     shards: dict[str, ShardStatus]
 
 
+# ---------------------------------------------------------------------- admin operations
+# Keyless (the request's key is ignored), for the ops CLI and between shard processes
+# during moves; they need an admin token (or a host credential) when auth is on.
+
+
+class ShardKeys(msgspec.Struct, tag="shard_keys", array_like=True, frozen=True):
+    """The keys of every actor file of ``shard`` on this process."""
+
+    shard: str
+
+
+class KeyList(msgspec.Struct, array_like=True):
+    keys: list[str]
+    log_epoch: int = 0
+    """The shard log's epoch: a copy of the shard must start its own log above it."""
+
+
+class TrackWrites(msgspec.Struct, tag="track_writes", array_like=True, frozen=True):
+    """Start (anew) or stop recording which keys of ``shard`` are written."""
+
+    shard: str
+    on: bool
+
+
+class TakeWritten(msgspec.Struct, tag="take_written", array_like=True, frozen=True):
+    """The keys of ``shard`` written since tracking started or the last take."""
+
+    shard: str
+
+
+class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
+    """A consistent copy of ``key``'s file (backup API), its first ``first`` bytes
+    inline; the rest with :class:`ReadChunk`."""
+
+    key: str
+    first: int
+
+
+class SnapshotInfo(msgspec.Struct, array_like=True):
+    exists: bool
+    id: str  # "" when ``data`` is the whole file
+    size: int
+    sha256: str
+    data: bytes
+
+
+class ReadChunk(msgspec.Struct, tag="read_chunk", array_like=True, frozen=True):
+    id: str
+    offset: int
+    length: int
+
+
+class Chunk(msgspec.Struct, array_like=True):
+    data: bytes
+
+
+class PullActors(msgspec.Struct, tag="pull", array_like=True, frozen=True):
+    """Target of a move: copy ``keys`` of ``shard`` from the process at ``source``
+    (``fresh``: first discard any copy of the shard here)."""
+
+    shard: str
+    source: str
+    keys: list[str]
+    log_epoch: int
+    fresh: bool = False
+
+
+class Pulled(msgspec.Struct, array_like=True):
+    copied: int
+    removed: int
+    bytes: int
+    checksums: dict[str, str]
+
+
+class Fence(msgspec.Struct, tag="fence", array_like=True, frozen=True):
+    """Source of a move: hold the shard's requests, finish those in flight, and record
+    the fence in the move record (expected at ``move_mod``)."""
+
+    shard: str
+    move_mod: int
+
+
+class Fenced(msgspec.Struct, array_like=True):
+    move_mod: int
+
+
+class Unfence(msgspec.Struct, tag="unfence", array_like=True, frozen=True):
+    shard: str
+
+
+class Adopt(msgspec.Struct, tag="adopt", array_like=True, frozen=True):
+    """Read the directory now and serve what it gives this process."""
+
+
+class Release(msgspec.Struct, tag="release", array_like=True, frozen=True):
+    """Source after the flip: forward the held requests and retire the local copy."""
+
+    shard: str
+
+
+class DropCopy(msgspec.Struct, tag="drop_copy", array_like=True, frozen=True):
+    """Target of an aborted move: delete the copy of a shard this process does not serve."""
+
+    shard: str
+
+
+class VerifyShard(msgspec.Struct, tag="verify", array_like=True, frozen=True):
+    """``PRAGMA integrity_check`` of each actor file of ``shard`` (all, or ``keys``)."""
+
+    shard: str
+    keys: list[str] | None = None
+
+
+class Verified(msgspec.Struct, array_like=True):
+    shard: str
+    checked: int
+    problems: dict[str, str]  # key -> what integrity_check (or opening) said
+
+
+class Upload(msgspec.Struct, tag="upload", array_like=True, frozen=True):
+    """A chunk of a file for :class:`RestoreActor` (``offset`` 0 starts it anew)."""
+
+    id: str
+    offset: int
+    data: bytes
+
+
+class RestoreActor(msgspec.Struct, tag="restore", array_like=True, frozen=True):
+    """Replace ``key``'s file by the upload ``id`` (checked: size, sha256, the key
+    inside, ``integrity_check``)."""
+
+    key: str
+    id: str
+    size: int
+    sha256: str
+
+
+class Done(msgspec.Struct, array_like=True):
+    count: int = 0
+
+
+ADMIN_OPS = (
+    ShardKeys,
+    TrackWrites,
+    TakeWritten,
+    Snapshot,
+    ReadChunk,
+    PullActors,
+    Fence,
+    Unfence,
+    Adopt,
+    Release,
+    DropCopy,
+    VerifyShard,
+    Upload,
+    RestoreActor,
+)
+
+
 WireOp: TypeAlias = (
     Sql
     | Batch
@@ -124,6 +283,20 @@ WireOp: TypeAlias = (
     | GetStatus
     | PeerHello
     | Authenticate
+    | ShardKeys
+    | TrackWrites
+    | TakeWritten
+    | Snapshot
+    | ReadChunk
+    | PullActors
+    | Fence
+    | Unfence
+    | Adopt
+    | Release
+    | DropCopy
+    | VerifyShard
+    | Upload
+    | RestoreActor
 )
 
 
@@ -166,6 +339,20 @@ RESULT_TYPES: dict[type, type] = {
     GetStatus: NodeStatus,
     PeerHello: Pong,
     Authenticate: Authenticated,
+    ShardKeys: KeyList,
+    TrackWrites: Done,
+    TakeWritten: KeyList,
+    Snapshot: SnapshotInfo,
+    ReadChunk: Chunk,
+    PullActors: Pulled,
+    Fence: Fenced,
+    Unfence: Done,
+    Adopt: Done,
+    Release: Done,
+    DropCopy: Done,
+    VerifyShard: Verified,
+    Upload: Done,
+    RestoreActor: Done,
 }
 
 

@@ -71,9 +71,10 @@ NEED: dict[type, str] = {
     CallMethod: "write",
     wire.Delete: "write",
     wire.GetStatus: "admin",
+    **dict.fromkeys(wire.ADMIN_OPS, "admin"),
 }
 """The permission each operation needs."""
-KEYLESS = frozenset((wire.GetPlacement, wire.GetStatus))
+KEYLESS = frozenset((wire.GetPlacement, wire.GetStatus, *wire.ADMIN_OPS))
 """Operations about the server, not one key: any key pattern will do."""
 
 

@@ -19,9 +19,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import trio
 
-from shardlite.actor import ActorPool, Error, Unavailable, WrongShard
+from shardlite.actor import ActorPool, Error, Overloaded, Unavailable, WrongShard
 from shardlite.router import (
     Directory,
     DirectoryUnavailable,
@@ -44,10 +45,60 @@ WATCH_TIMEOUT_S = 5.0
 RETRY_DIRECTORY_S = 1.0
 PEER_POLL_S = 0.05
 ROUTE_CACHE_KEYS = 100_000
+HOLD_MAX_S = 5.0
+"""How long requests for a fenced shard (a move's cutover) wait before ``unavailable``."""
+MAX_HELD = 10_000
+"""Requests a fenced shard holds; more are refused with ``overloaded`` meanwhile."""
 
 
 def shard_dir(data: str, shard: str) -> str:
     return os.path.join(os.path.abspath(data), "shards", shard)
+
+
+class ShardFence:
+    """A shard whose requests are held (a move's cutover): bounded in count and time.
+
+    Held requests resume in arrival order once the fence is lifted: served here again
+    (the move gave up) or forwarded to the new owner (it went through).
+    """
+
+    def __init__(self, shard: str, hold_s: float = HOLD_MAX_S, max_held: int = MAX_HELD) -> None:
+        self.shard = shard
+        self.until = trio.current_time() + hold_s
+        self.max_held = max_held
+        self.held: list[Callable[[bool], None]] = []
+        self.move_mod = 0  # the move record's revision this fence wrote
+        self.started = trio.current_time()
+
+    def hold(self, resume: Callable[[bool], None]) -> Error | None:
+        """Keep ``resume`` until the fence lifts (``resume(True)``) or times out
+        (``resume(False)``); or the error to answer now."""
+        if trio.current_time() > self.until:
+            return Unavailable(f"{self.shard} is being moved; retry shortly", retry_after=1.0)
+        if len(self.held) >= self.max_held:
+            return Overloaded(f"{self.shard} is being moved and holds {len(self.held)} requests")
+        self.held.append(resume)
+        return None
+
+    def release(self, go: bool) -> None:
+        held, self.held = self.held, []
+        for resume in held:
+            resume(go)
+
+    async def wait(self) -> bool:
+        """For one task: until the fence lifts (True) or gives up holding (False)."""
+        done = trio.Event()
+        outcome: list[bool] = []
+
+        def resume(go: bool) -> None:
+            outcome.append(go)
+            done.set()
+
+        error = self.hold(resume)
+        if error is not None:
+            raise error
+        await done.wait()
+        return outcome[0]
 
 
 class Node:
@@ -63,6 +114,7 @@ class Node:
         data: str,
         forwarder: Forwarder,
         attach: Callable[[str], Awaitable[None]],
+        detach: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.record = record
         self.id = record.id
@@ -72,12 +124,15 @@ class Node:
         self.data = data
         self.forwarder = forwarder
         self._attach = attach
+        self.detach = detach
         self.served: dict[str, int] = {}  # shard id -> epoch it is served at
+        self.fences: dict[str, ShardFence] = {}  # shards whose requests are held
         self._shard_of: dict[str, ShardRecord] = {}  # key -> its shard, this placement
         self.not_ready: str | None = None
         self.host_record: HostRecord | None = None  # put by the host's first process
         self.auth = Auth({}, required=False)  # tokens (set by the server)
         self.rate_limit: Callable[[str], Error | None] | None = None  # per key, if set
+        self.admin: Any = None  # the ops verbs' handler (shards/_admin.py), set by the server
 
     # ------------------------------------------------------------------ placement
 
@@ -92,6 +147,8 @@ class Node:
         mine = {s.id: s.epoch for s in placement.shards.values() if s.owner == self.id}
         for shard_id, epoch in mine.items():
             if shard_id not in self.served:
+                if not await self._may_serve(placement, shard_id):
+                    continue
                 await self._attach(shard_dir(self.data, shard_id))
                 log.info("serving %s at epoch %d", shard_id, epoch)
             self.served[shard_id] = epoch
@@ -99,6 +156,34 @@ class Node:
             if shard_id not in mine:
                 log.warning("%s is no longer ours: not serving it", shard_id)
                 del self.served[shard_id]
+                fence = self.fences.pop(shard_id, None)
+                if fence is not None:  # held requests go to the new owner
+                    fence.release(True)
+                if self.detach is not None:
+                    await self.detach(shard_id)
+
+    async def _may_serve(self, placement: Placement, shard_id: str) -> bool:
+        """A shard left fenced by an earlier run of this process (it crashed during a
+        move's cutover) is served only once the fence is given up in the directory:
+        otherwise the move could still flip it to its target."""
+        move = placement.moves.get(shard_id)
+        if move is None or move.phase != "fenced":
+            return True
+        mod = self.directory.move_mod.get(shard_id, 0)
+        unfenced = msgspec.structs.replace(move, phase="copy", fenced_by="")
+        try:
+            if await self.directory.put_move(unfenced, mod):
+                log.warning("%s: gave up the fence of an interrupted move", shard_id)
+                return True
+        except DirectoryUnavailable:
+            pass
+        return False  # the move went on: the next placement says where the shard is
+
+    def lift(self, shard_id: str, go: bool = True) -> None:
+        """Stop holding ``shard_id``'s requests; they run (or fail, ``go`` False)."""
+        fence = self.fences.pop(shard_id, None)
+        if fence is not None:
+            fence.release(go)
 
     async def register(self) -> None:
         """Put this process (and its host) in the directory, bound to the lease."""
@@ -163,8 +248,9 @@ class Node:
 
     # ------------------------------------------------------------------ per request
 
-    def route(self, key: str, epoch: int | None) -> ShardRecord | Error | None:
-        """None: serve here. A ShardRecord: forward to its owner. An Error: answer it."""
+    def route(self, key: str, epoch: int | None) -> ShardRecord | ShardFence | Error | None:
+        """None: serve here. A ShardRecord: forward to its owner. An Error: answer it.
+        A ShardFence: hold the request until the fence lifts, then route it again."""
         placement = self.placement
         shard = self._shard_of.get(key)
         if shard is None:  # a hash and a bisect: cached per key (the hot path is ~5 µs)
@@ -182,6 +268,8 @@ class Node:
                     "(its directory lease lapsed)"
                 )
             if epoch is None or epoch == shard.epoch:
+                if self.fences:
+                    return self.fences.get(shard.id)
                 return None
             return self.wrong_shard(shard, epoch)  # newer: the watcher catches up soon
         if epoch is not None:  # the sender thought this node owned it: let it re-route
@@ -216,7 +304,15 @@ class Node:
     ) -> Any:
         """Run ``op`` on ``key``'s actor: here, or on the process that owns it (one hop)."""
         where = self.route(key, epoch)
+        while isinstance(where, ShardFence):
+            if not await where.wait():
+                raise Unavailable(f"{where.shard} is being moved; retry shortly", retry_after=1.0)
+            where = self.route(key, epoch)
         if where is None:
+            if type(op) is wire.Delete:
+                op = pool.delete_call()
+            elif type(op) is wire.Export:
+                op = pool.export_call(1 << 31)
             return await pool.call(key, op, idempotency_key=idempotency_key, readonly=readonly)
         if isinstance(where, Error):
             raise where
@@ -257,4 +353,4 @@ def _du(directory: str) -> tuple[int, int]:
     return files, size
 
 
-__all__ = ["Node", "shard_dir"]
+__all__ = ["Node", "ShardFence", "shard_dir"]

@@ -24,15 +24,19 @@ from shardlite.actor import (
     Call,
     Error,
     Forbidden,
+    Internal,
     TooLarge,
+    Unavailable,
 )
 from shardlite.router import Forwarded, wire
 
 from ._auth import KEYLESS, NEED, PEER, Claims
 from ._metrics import Metrics
-from ._routing import Node
+from ._routing import Node, ShardFence
 
 log = logging.getLogger("shardlite.rpc")
+
+ADMIN = frozenset(wire.ADMIN_OPS)
 
 RECEIVE_BYTES = 256 * 1024
 MAX_INFLIGHT_PER_CONNECTION = 4096
@@ -141,6 +145,33 @@ class RpcConnection:
                 self._wake.set()
                 await self._drained.wait()
 
+    def _hold(self, fence: ShardFence, req_id: int, payload: bytes) -> None:
+        """Keep a request for a fenced shard; route it again once the fence lifts."""
+
+        def resume(go: bool) -> None:
+            self.inflight -= 1
+            if go:
+                self._dispatch([memoryview(payload)])
+            else:
+                self._reply_now(req_id, Unavailable(f"{fence.shard} is being moved; retry"))
+
+        error = fence.hold(resume)
+        if error is not None:
+            self._reply_now(req_id, error)
+        else:
+            self.inflight += 1
+
+    async def _admin(self, req_id: int, op: Any) -> None:
+        assert self.node.admin is not None
+        try:
+            result = await self.node.admin.handle(op)
+        except Error as exc:
+            result = exc
+        except Exception as exc:
+            log.exception("admin operation %s failed", type(op).__name__)
+            result = Internal(f"{type(op).__name__} failed: {type(exc).__name__}: {exc}")
+        self.deliver(req_id, result)
+
     async def _status(self, req_id: int) -> None:
         status = await self.node.status(self.pool.statistics()["actors_open"])
         self.deliver(req_id, status)
@@ -200,6 +231,10 @@ class RpcConnection:
                 self.inflight += 1
                 self._nursery.start_soon(self._status, req.id)
                 continue
+            if kind in ADMIN and self.node.admin is not None:
+                self.inflight += 1
+                self._nursery.start_soon(self._admin, req.id, op)
+                continue
             readonly = (
                 req.readonly if self.peer else self.claims is not None and self.claims.readonly
             )
@@ -208,9 +243,12 @@ class RpcConnection:
                 continue
             where = route(req.key, req.epoch)
             if where is not None:
-                if isinstance(where, Error):
+                if type(where) is ShardFence:
+                    self._hold(where, req.id, bytes(payload))
+                elif isinstance(where, Error):
                     self._reply_now(req.id, where)
                 else:
+                    assert not isinstance(where, ShardFence)
                     self.inflight += 1
                     self.node.forwarder.forward(
                         self.node.forward_address(where),

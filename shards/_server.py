@@ -39,6 +39,7 @@ from shardlite.router import (
     open_lease,
 )
 
+from ._admin import Admin, delete_retired
 from ._auth import (
     PEER,
     PEER_TTL_S,
@@ -219,6 +220,9 @@ async def _serve(
                         attach=pool.attach_shard,
                     )
                     holder.append(node)
+                    node.admin = admin = Admin(pool, node, data, background)
+                    node.detach = admin.detach
+                    background.start_soon(delete_retired, data, settings.retired_keep)
                     node.auth = auth
                     if settings.rate_limit > 0:
                         node.rate_limit = RateLimiter(settings.rate_limit)

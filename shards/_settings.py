@@ -87,6 +87,13 @@ SETTINGS: tuple[Setting, ...] = (
         "shards (503) until the directory is back.",
     ),
     Setting(
+        "retired_keep",
+        24 * 3600.0,
+        "duration",
+        "After a shard moves away, its old files stay under DATA/retired for this long "
+        "(for inspection or a manual rollback), then they are deleted.",
+    ),
+    Setting(
         "shards",
         0,
         "int",
@@ -321,6 +328,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     host_id: str = ""
     advertise: str = ""
     lease_ttl: float = DEFAULT_LEASE_TTL_S
+    retired_keep: float = 24 * 3600.0
     shards: int = 0
     slots: int = DEFAULT_SLOTS
     auth: str = "auto"

@@ -1,0 +1,297 @@
+"""What the pool does for the ops verbs: copies, write tracking, detaching, checks, restores.
+
+A shard move copies each actor file with the backup API (:meth:`snapshot`) while the
+actor keeps serving, and re-copies the files written since (:meth:`track_writes` makes
+every commit of the shard's actors note its key). At the cutover the source detaches the
+shard (:meth:`detach_shard`): every actor of it is closed (checkpointed, durable on its
+own), then its log and alarm index go. :meth:`verify` runs ``integrity_check`` on one
+file through its actor; :meth:`restore` replaces one file by a checked copy.
+
+Each operation that touches a file is an :class:`Exclusive` call of that actor, so it runs
+between batches, never beside one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from typing import Any
+
+import apsw
+import trio
+
+from ._actor import Actor, Exclusive, State, sync_directory
+from ._config import ActorConfig
+from ._connection import LSN_SET, META_GET
+from ._durability import DurabilityPolicy
+from ._errors import BadRequest, Error, NotFound
+
+log = logging.getLogger("shardlite.actor")
+
+QUIESCE_POLL_S = 0.001
+HASH_CHUNK = 1 << 20
+
+
+def shard_of_path(path: str) -> str:
+    """The shard directory of an actor file (``SHARD/xx/name.db``)."""
+    return os.path.dirname(os.path.dirname(path))
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def integrity_problems(conn: apsw.Connection, *, quick: bool = False) -> str:
+    """'' if ``PRAGMA integrity_check`` (or ``quick_check``) finds nothing, else what it
+    found (the first lines)."""
+    pragma = "quick_check" if quick else "integrity_check"
+    rows = [str(r[0]) for r in conn.execute(f"PRAGMA {pragma}(20)")]
+    return "" if rows == ["ok"] else "; ".join(rows)
+
+
+def check_actor_file(path: str, key: str, *, quick: bool = False) -> str:
+    """'' if ``path`` is a sound actor file of ``key``, else why not. Blocking."""
+    try:
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error as exc:
+        return f"cannot open: {exc}"
+    try:
+        problems = integrity_problems(conn, quick=quick)
+        if problems:
+            return problems
+        try:
+            rows = conn.execute(META_GET, ("key",)).fetchall()
+        except apsw.SQLError:
+            return "not a shardlite actor file (no _shardlite_meta table)"
+        if not rows or rows[0][0] != key:
+            found = rows[0][0] if rows else None
+            return f"the file belongs to actor {found!r}, not {key!r}"
+        return ""
+    except apsw.Error as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+
+
+class HandoffMixin:
+    """The ops verbs' side of :class:`~shardlite.actor.ActorPool` (see the module docstring)."""
+
+    config: ActorConfig
+    durability: DurabilityPolicy
+    runtime: Any
+    _actors: OrderedDict[str, Actor]
+    _tracked: dict[str, set[str]]
+    _open: int
+    _closing: int
+
+    # the pool's own methods (ActorPool overrides these)
+    async def call(self, key: str, op: Any) -> Any:
+        raise NotImplementedError
+
+    async def _close(self, actor: Actor) -> None:
+        raise NotImplementedError
+
+    def _forget(self, actor: Actor) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ write tracking
+
+    def track_writes(self, directory: str) -> None:
+        """From now on, note the key of every actor of this shard that commits a write
+        (a new set: what was noted before is dropped)."""
+        written: set[str] = set()
+        self._tracked[directory] = written
+        for actor in self._actors.values():
+            if shard_of_path(actor.path) == directory:
+                actor.written = written
+
+    def take_written(self, directory: str) -> list[str]:
+        """The keys written since tracking began or since the last take."""
+        written = self._tracked.get(directory)
+        if written is None:
+            raise BadRequest(f"writes of {os.path.basename(directory)} are not being tracked")
+        keys = sorted(written)
+        written.clear()
+        return keys
+
+    def untrack_writes(self, directory: str) -> None:
+        written = self._tracked.pop(directory, None)
+        for actor in self._actors.values():
+            if actor.written is written:
+                actor.written = None
+
+    def keys_by_path(self, directory: str) -> dict[str, str]:
+        """Path -> key of the actors of a shard this pool knows."""
+        return {a.path: a.key for a in self._actors.values() if shard_of_path(a.path) == directory}
+
+    def pause_alarms(self, directory: str) -> None:
+        """No alarm of the shard fires (its requests are held for a move's cutover)."""
+        if self.runtime is not None:
+            self.runtime.scheduler.paused.add(directory)
+
+    def resume_alarms(self, directory: str) -> None:
+        if self.runtime is not None:
+            self.runtime.scheduler.paused.discard(directory)
+
+    def _tracking_set(self, path: str) -> set[str] | None:
+        return self._tracked.get(shard_of_path(path)) if self._tracked else None
+
+    # ------------------------------------------------------------------ copies
+
+    async def snapshot(self, key: str, into: str) -> tuple[str, int, str] | None:
+        """A consistent copy of ``key``'s file in a new file under ``into``: (path, size,
+        sha256), or None if the actor has no file. The caller removes the copy."""
+        try:
+            path: str = await self.call(key, Exclusive(functools.partial(_copy_to, into)))
+        except NotFound:
+            return None
+
+        def measure() -> tuple[int, str]:
+            return os.path.getsize(path), sha256_file(path)
+
+        try:
+            size, digest = await trio.to_thread.run_sync(measure)
+        except BaseException:
+            os.unlink(path)
+            raise
+        return path, size, digest
+
+    async def verify(self, key: str) -> str:
+        """'' if ``key``'s file passes ``integrity_check``, else what is wrong."""
+        try:
+            result: str = await self.call(key, Exclusive(_verify))
+        except NotFound:
+            return "the file is gone"
+        except Error as exc:
+            return exc.message
+        return result
+
+    async def restore(self, key: str, source: str) -> None:
+        """Replace ``key``'s file by ``source`` (a checked copy: see ``check_actor_file``),
+        atomically: a crash leaves the old file or the new one, durable."""
+        restore = functools.partial(self._replace_file, source)
+        await self.call(key, Exclusive(restore))
+
+    async def _replace_file(self, source: str, actor: Actor) -> Any:
+        if actor.conn is not None:  # close first: everything it wrote is in its file
+            await trio.to_thread.run_sync(actor.checkpoint_blocking)
+            self.durability.file_durable(actor, actor.last_lsn)
+            actor.close()  # (the pool counts it closed when this call returns)
+        lsn = self.durability.creation_lsn(actor)
+        staged = actor.path + ".restore"
+
+        def place() -> float | None:
+            os.makedirs(os.path.dirname(actor.path), mode=0o700, exist_ok=True)
+            shutil.copyfile(source, staged)
+            conn = apsw.Connection(staged)
+            try:
+                # above every record the log may still hold for an earlier file of this
+                # key: replay must never apply those to the restored file
+                conn.pragma("journal_mode", "delete")
+                conn.execute(LSN_SET, (lsn,))
+                alarms = conn.table_exists("main", "_shardlite_alarms")
+                at = (
+                    conn.execute("SELECT min(at) FROM _shardlite_alarms").fetchall()[0][0]
+                    if alarms
+                    else None
+                )
+            finally:
+                conn.close()
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+            for suffix in ("-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(actor.path + suffix)
+            os.replace(staged, actor.path)
+            sync_directory(os.path.dirname(actor.path))
+            return None if at is None else float(at)
+
+        try:
+            at = await trio.to_thread.run_sync(place)
+        finally:
+            if os.path.exists(staged):  # noqa: ASYNC240 (cleanup of a failed copy)
+                os.unlink(staged)
+        if actor.written is not None:
+            actor.written.add(actor.key)
+        if self.runtime is not None:
+            self.runtime.scheduler.note(actor.key, shard_of_path(actor.path), at)
+        actor.last_lsn = actor.file_lsn = 0
+        return None
+
+    # ------------------------------------------------------------------ detaching
+
+    async def quiesce(self, directory: str, timeout_s: float) -> bool:
+        """Until no actor of the shard has a call queued, running or awaiting its output
+        gate (the caller has stopped new calls from arriving). False on timeout."""
+        with trio.move_on_after(timeout_s):
+            while True:
+                if all(a.idle for a in self._actors.values() if shard_of_path(a.path) == directory):
+                    return True
+                await trio.sleep(QUIESCE_POLL_S)
+        return False
+
+    async def detach_shard(self, directory: str) -> None:
+        """Stop serving a shard that no calls reach any more: close every actor of it
+        (checkpointed: each file then holds all its writes), drop its log and alarms."""
+        self.untrack_writes(directory)
+        await self.quiesce(directory, timeout_s=30.0)
+        actors = [a for a in self._actors.values() if shard_of_path(a.path) == directory]
+        async with trio.open_nursery() as nursery:
+            for actor in actors:
+                if actor.state is State.OPEN and actor.idle:
+                    actor.state = State.BUSY
+                    self._closing += 1
+                    nursery.start_soon(self._close, actor)
+        for actor in actors:
+            if actor.mailbox or actor.pending:
+                log.error("actor %r: calls left while detaching its shard", actor.key)
+            self._forget(actor)
+        await self.durability.detach_shard(directory)
+        if self.runtime is not None:
+            self.runtime.scheduler.detach(directory)
+
+
+async def _copy_to(into: str, actor: Actor) -> str:
+    if actor.conn is None:
+        await trio.to_thread.run_sync(functools.partial(actor.open, create=False))
+    fd, dest = tempfile.mkstemp(prefix="snapshot-", suffix=".db", dir=into)
+    os.close(fd)
+    try:
+        await trio.to_thread.run_sync(actor.export_blocking, dest)
+    except BaseException:
+        os.unlink(dest)
+        raise
+    return dest
+
+
+async def _verify(actor: Actor) -> str:
+    if actor.conn is None:
+        try:
+            await trio.to_thread.run_sync(functools.partial(actor.open, create=False))
+        except NotFound:
+            raise
+        except (apsw.Error, Error, OSError) as exc:
+            return f"cannot open: {exc}"
+    conn = actor.conn
+    assert conn is not None and actor._auth is not None
+    actor._auth.trusted = True
+    actor._deadline = float("inf")  # a check of a big file takes as long as it takes
+    try:
+        return await trio.to_thread.run_sync(integrity_problems, conn)
+    except apsw.Error as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        actor._auth.trusted = False
+
+
+__all__ = ["HandoffMixin", "check_actor_file", "sha256_file", "shard_of_path"]
