@@ -35,7 +35,7 @@ from ._connection import LSN_GET, LSN_SET, open_actor_db
 from ._errors import Error, Internal
 from ._keys import resolve_actor_path
 from ._ops import Result
-from ._shardlog import LOG_DIR, Recovered, ShardLog, encode_record, read_log_epoch
+from ._shardlog import LOG_DIR, Record, Recovered, ShardLog, encode_record, read_log_epoch
 
 log = logging.getLogger("shardlite.actor")
 
@@ -390,34 +390,45 @@ def replay_shard(
             continue
         if not os.path.exists(path):
             continue
-        conn, auth = open_actor_db(path, key, config, create=False)
         try:
-            auth.trusted = True
-            file_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
-            todo = [r for r in records if r.lsn > file_lsn]
-            if not todo:
-                _note_alarms(conn, key, alarms)
-                continue
-            conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
-            conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
-            conn.pragma("foreign_keys", False)
-            tables = load_tables(conn)
-            with conn:
-                for record in todo:
-                    try:
-                        apply_record(conn, tables, record.payload)
-                    except (apsw.Error, ReplayError) as exc:
-                        raise ReplayError(
-                            f"actor {key!r}: log record {record.lsn:#x} does not apply ({exc}); "
-                            "the file or the log is damaged"
-                        ) from exc
-                conn.execute(LSN_SET, (todo[-1].lsn,))
-            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
-            _note_alarms(conn, key, alarms)
-            replayed += 1
-        finally:
-            conn.close()
+            replayed += _replay_file(path, key, records, config, alarms)
+        except (apsw.Error, ReplayError, Error) as exc:
+            # one damaged file must not keep the whole shard from serving: its actor
+            # fails to open (and `ops verify` reports it); the others recover
+            log.error("shard log %s: actor %r not recovered: %s", directory, key, exc)
     return replayed, alarms
+
+
+def _replay_file(
+    path: str, key: str, records: list[Record], config: ActorConfig, alarms: dict[str, float | None]
+) -> int:
+    conn, auth = open_actor_db(path, key, config, create=False)
+    try:
+        auth.trusted = True
+        file_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
+        todo = [r for r in records if r.lsn > file_lsn]
+        if not todo:
+            _note_alarms(conn, key, alarms)
+            return 0
+        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
+        conn.pragma("foreign_keys", False)
+        tables = load_tables(conn)
+        with conn:
+            for record in todo:
+                try:
+                    apply_record(conn, tables, record.payload)
+                except (apsw.Error, ReplayError) as exc:
+                    raise ReplayError(
+                        f"actor {key!r}: log record {record.lsn:#x} does not apply ({exc}); "
+                        "the file or the log is damaged"
+                    ) from exc
+            conn.execute(LSN_SET, (todo[-1].lsn,))
+        conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+        _note_alarms(conn, key, alarms)
+        return 1
+    finally:
+        conn.close()
 
 
 def _note_alarms(conn: apsw.Connection, key: str, into: dict[str, float | None]) -> None:
