@@ -17,6 +17,7 @@ from . import (
     bench_http,
     bench_inprocess,
     bench_loadtest,
+    bench_moves,
     bench_router,
     bench_rpc,
 )
@@ -32,6 +33,7 @@ SECTION_MODULES = (
     bench_actors,
     bench_loadtest,
     bench_auth,
+    bench_moves,
 )
 """Every section, in the order they run and appear in docs/benchmarks.md."""
 SECTIONS: dict[str, str] = {m.NAME: m.TITLE for m in SECTION_MODULES}

@@ -33,7 +33,12 @@ class Nodes:
         if transport is None:
             transport = RpcTransport(split_address(address), ADMIN_TIMEOUT_S, self.token)
             self._transports[address] = transport
-        return await trio.to_thread.run_sync(transport.request, "", op)
+        try:
+            return await trio.to_thread.run_sync(transport.request, "", op)
+        except OSError as exc:
+            transport.close()
+            del self._transports[address]
+            raise OpsError(f"cannot reach the shard process at {address}: {exc}") from None
 
     def close(self) -> None:
         for transport in self._transports.values():

@@ -47,7 +47,7 @@ class Hosts:
         cmd = [sys.executable, "-m", "shardlite", "ops", *args]
         cmd += ["--directory", self.etcd.url, "--data", str(self.tmp / "host-a")]
         out = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
+            cmd, check=False, capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
             env={**os.environ, **(env or {})},
         )  # fmt: skip
         if check and out.returncode != 0:
@@ -233,7 +233,9 @@ def test_abort_before_the_flip_leaves_the_source_serving_and_drops_the_copy(host
     a = hosts.servers["host-a"]
     moving = keys_of(0, 5)
     fill(a.rpc_url, moving)
-    hosts.ops("move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "fenced"}, check=False)
+    hosts.ops(
+        "move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "fenced"}, check=False
+    )
     hosts.ops("move", "shard-00", "--abort")
     assert hosts.owner("shard-00") == ("host-a/0", 1)
     assert not list((hosts.tmp / "host-b" / "shards" / "shard-00").rglob("*.db"))
@@ -247,7 +249,9 @@ def test_a_source_killed_while_fenced_serves_again_after_restart(hosts: Hosts) -
     a = hosts.servers["host-a"]
     moving = keys_of(0, 5)
     fill(a.rpc_url, moving)
-    hosts.ops("move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "fenced"}, check=False)
+    hosts.ops(
+        "move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "fenced"}, check=False
+    )
     a.kill()
     a = hosts.start("host-a")  # gives the fence up in the directory before serving
     fill(a.rpc_url, moving[:1], rows=1)
@@ -287,7 +291,9 @@ def test_a_fenced_shard_holds_requests_and_releases_them_in_order(hosts: Hosts) 
     fill(a.rpc_url, [key], rows=0)
     status = hosts.status()
     source = next(n["rpc"] for n in status["nodes"] if n["id"] == "host-a/0")
-    hosts.ops("move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "fenced"}, check=False)
+    hosts.ops(
+        "move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "fenced"}, check=False
+    )
     done: list[Any] = []
 
     def write(n: int) -> None:
@@ -303,3 +309,32 @@ def test_a_fenced_shard_holds_requests_and_releases_them_in_order(hosts: Hosts) 
         t.join(10)
     assert sorted(r[0] for r in done) == [1, 2, 3] and all(r[1] == 0 for r in done)
     assert sorted(values(a.rpc_url, key)) == [1, 2, 3]
+
+
+def test_a_target_killed_during_the_copy_is_restarted_and_the_move_resumed(hosts: Hosts) -> None:
+    a = hosts.servers["host-a"]
+    moving = keys_of(0, 6)
+    fill(a.rpc_url, moving)
+    hosts.ops("move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "copy"}, check=False)
+    hosts.servers["host-b"].kill()
+    down = hosts.ops("move", "shard-00", "--resume", check=False)
+    # down: its directory record lapses with its lease; until then it cannot be reached
+    assert down.returncode == 1 and (
+        "host-b/0 is down" in down.stderr or "cannot reach" in down.stderr
+    )
+    assert hosts.owner("shard-00") == ("host-a/0", 1)
+    fill(a.rpc_url, moving[:1], rows=1)  # the source never stopped serving
+    b = hosts.start("host-b")
+    hosts.ops("move", "shard-00", "--resume")
+    assert hosts.owner("shard-00") == ("host-b/0", 2)
+    assert values(b.rpc_url, moving[0]) == [-1, -2, -3, -1]
+    assert values(b.rpc_url, moving[5]) == [-1, -2, -3]
+
+
+def test_an_unreachable_directory_is_a_clear_error_and_changes_nothing(hosts: Hosts) -> None:
+    hosts.etcd.stop()
+    out = hosts.ops("move", "shard-00", "--to", "host-b", check=False)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "etcd" in out.stderr or "directory" in out.stderr, out.stderr
+    hosts.etcd.start()
+    assert hosts.owner("shard-00") == ("host-a/0", 1)
