@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import trio
 
-from shardlite.router import Directory, MoveRecord, Placement, ShardRecord, wire
+from shardlite.router import Directory, MoveRecord, Placement, ShardRecord, shard_name, wire
 
 from ._nodes import Nodes, OpsError, find_shard, host_of
 
@@ -245,6 +245,46 @@ class Mover:
         if current is not None and not await self.directory.end_move(move.shard, mod):
             raise OpsError(f"the move record of {move.shard} changed meanwhile; look again")
         self.echo(f"{move.shard}: move aborted; {move.source} serves it")
+
+    async def split(self, shard_id: str) -> dict[str, Any]:
+        """Half of the shard's slots to a new shard on the same process (files renamed)."""
+        started = time.monotonic()
+        placement = await _load(self.directory)
+        shard = find_shard(placement, shard_id)
+        move, mod = await self.directory.load_move(shard_id)
+        if move is not None:
+            raise OpsError(
+                f"a {move.kind} of {shard_id} is in progress (phase {move.phase}): "
+                f"{'`ops move --resume` or --abort' if move.kind == 'move' else 'restart its owner'}"
+            )
+        owner = _address(placement, shard.owner, "owner")
+        numbers = [
+            int(s.rpartition("-")[2]) for s in placement.shards if s.rpartition("-")[2].isdigit()
+        ]
+        new_id = shard_name(max(numbers, default=-1) + 1)
+        record = MoveRecord(
+            shard_id, shard.owner, shard.owner, "copy", time.time(), shard.epoch,
+            kind="split", new_shard=new_id,
+        )  # fmt: skip
+        mod = await self.directory.put_move(record, 0)
+        if not mod:
+            raise OpsError(f"another move or split of {shard_id} started just now")
+        try:
+            moved = (await self.nodes.ask(owner, wire.SplitShard(shard_id, new_id, mod))).count
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                current, mod = await self.directory.load_move(shard_id)
+                if current is not None and current.phase == "copy":
+                    await self.directory.end_move(shard_id, mod)
+            raise
+        placement = await _load(self.directory)
+        return {
+            "shard": shard_id,
+            "new_shard": new_id,
+            "slots": [list(r) for r in placement.shards[new_id].ranges],
+            "actors_moved": moved,
+            "seconds": round(time.monotonic() - started, 3),
+        }
 
     async def _unfence(self, placement: Placement, move: MoveRecord) -> None:
         source = placement.nodes.get(move.source)

@@ -1,4 +1,4 @@
-"""The ``shardlite ops`` verbs that act on shards: move, drain, verify, backup, restore."""
+"""The ``shardlite ops`` verbs that act on shards: move, drain, split, verify, backup, restore."""
 
 from __future__ import annotations
 
@@ -152,6 +152,26 @@ def drain(host: str, parallel: int, data: str, directory: str, as_json: bool) ->
 
 
 @click.command()
+@click.argument("shard")
+@_common
+def split(shard: str, data: str, directory: str, as_json: bool) -> None:
+    """Give the upper half of SHARD's slots to a new shard on the same process."""
+
+    async def body(d: Directory, nodes: Nodes) -> Any:
+        return await _move.Mover(d, nodes, _echo_for(as_json)).split(shard)
+
+    report = _run(data, directory, body)
+    if as_json:
+        _print_json(report)
+    else:
+        ranges = ", ".join(f"{a}-{b - 1}" for a, b in report["slots"])
+        click.echo(
+            f"{report['new_shard']} now holds slots {ranges} and {report['actors_moved']} "
+            f"actors of {shard} ({report['seconds']} s)"
+        )
+
+
+@click.command()
 @click.argument("shard", required=False)
 @_common
 def verify(shard: str | None, data: str, directory: str, as_json: bool) -> None:
@@ -211,6 +231,6 @@ def restore(
         click.echo(f"{result['shard']}: {result['actors']} actors restored from {result['from']}")
 
 
-VERBS = [move, drain, verify, backup, restore]
+VERBS = [move, drain, split, verify, backup, restore]
 
 __all__ = ["VERBS"]

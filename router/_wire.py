@@ -244,6 +244,15 @@ class RestoreActor(msgspec.Struct, tag="restore", array_like=True, frozen=True):
     sha256: str
 
 
+class SplitShard(msgspec.Struct, tag="split", array_like=True, frozen=True):
+    """The owner: give the upper half of ``shard``'s slots to ``new_shard`` (same
+    process), the split record expected at ``move_mod``."""
+
+    shard: str
+    new_shard: str
+    move_mod: int
+
+
 class Done(msgspec.Struct, array_like=True):
     count: int = 0
 
@@ -263,6 +272,7 @@ ADMIN_OPS = (
     VerifyShard,
     Upload,
     RestoreActor,
+    SplitShard,
 )
 
 
@@ -297,6 +307,7 @@ WireOp: TypeAlias = (
     | VerifyShard
     | Upload
     | RestoreActor
+    | SplitShard
 )
 
 
@@ -353,6 +364,7 @@ RESULT_TYPES: dict[type, type] = {
     VerifyShard: Verified,
     Upload: Done,
     RestoreActor: Done,
+    SplitShard: Done,
 }
 
 

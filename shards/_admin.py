@@ -83,6 +83,7 @@ class Admin:
         os.makedirs(self.tmp, mode=0o700, exist_ok=True)
         self.snapshots: dict[str, tuple[str, int, float]] = {}  # id -> (path, size, expiry)
         self.pulling: set[str] = set()
+        self.splitting: set[str] = set()
 
     async def handle(self, op: Any) -> Any:
         handler = getattr(self, "_" + type(op).__name__.lower(), None)
@@ -246,6 +247,16 @@ class Admin:
 
         await trio.to_thread.run_sync(retire)
         log.info("%s: retired its files to %s", shard, os.path.join(retired, name))
+
+    async def _splitshard(self, op: wire.SplitShard) -> wire.Done:
+        from ._split import split
+
+        return await split(self, op)
+
+    async def prepare(self, placement: Any) -> None:
+        from ._split import finish_splits
+
+        await finish_splits(self, placement)
 
     # ------------------------------------------------------------------ target side
 

@@ -125,8 +125,11 @@ class Node:
         self.forwarder = forwarder
         self._attach = attach
         self.detach = detach
+        self.prepare: Callable[[Placement], Awaitable[None]] | None = None
+        """Run first by every adopt (finishing an interrupted split)."""
         self.served: dict[str, int] = {}  # shard id -> epoch it is served at
         self.fences: dict[str, ShardFence] = {}  # shards whose requests are held
+        self._adopting = trio.Lock()
         self._shard_of: dict[str, ShardRecord] = {}  # key -> its shard, this placement
         self.not_ready: str | None = None
         self.host_record: HostRecord | None = None  # put by the host's first process
@@ -141,7 +144,17 @@ class Node:
         return shard_dir(self.data, self.placement.shard_for(key).id)
 
     async def adopt(self, placement: Placement) -> None:
-        """Serve the shards ``placement`` gives this node; stop serving the others."""
+        """Serve the shards ``placement`` gives this node; stop serving the others.
+        One at a time (the watcher, the lease keeper and admin operations all adopt);
+        a placement older than the one adopted last is skipped."""
+        async with self._adopting:
+            if placement.revision < self.placement.revision:
+                return
+            await self._adopt(placement)
+
+    async def _adopt(self, placement: Placement) -> None:
+        if self.prepare is not None:
+            await self.prepare(placement)
         self.placement = placement
         self._shard_of = {}
         mine = {s.id: s.epoch for s in placement.shards.values() if s.owner == self.id}
@@ -166,6 +179,16 @@ class Node:
         """A shard left fenced by an earlier run of this process (it crashed during a
         move's cutover) is served only once the fence is given up in the directory:
         otherwise the move could still flip it to its target."""
+        if shard_id in self.fences:
+            return False  # this process is splitting it: the split attaches it when done
+        for other in placement.moves.values():  # a split of ours not finished yet
+            if (
+                other.kind == "split"
+                and other.phase == "flipped"
+                and other.source == self.id
+                and shard_id in (other.shard, other.new_shard)
+            ):
+                return False
         move = placement.moves.get(shard_id)
         if move is None or move.phase != "fenced":
             return True

@@ -222,6 +222,7 @@ async def _serve(
                     holder.append(node)
                     node.admin = admin = Admin(pool, node, data, background)
                     node.detach = admin.detach
+                    node.prepare = admin.prepare
                     background.start_soon(delete_retired, data, settings.retired_keep)
                     node.auth = auth
                     if settings.rate_limit > 0:

@@ -34,11 +34,11 @@ class Hosts:
         self.tmp = tmp_path
         self.servers: dict[str, Any] = {}
 
-    def start(self, host: str, *extra: str) -> Any:
+    def start(self, host: str, *extra: str, env: dict[str, str] | None = None) -> Any:
         server = self.start_server(
             "--directory", self.etcd.url, "--host-id", host, "--procs", "1",
             "--shards", "2", "--durability", "log", *extra,
-            data=self.tmp / host,
+            data=self.tmp / host, env=env,
         )  # fmt: skip
         self.servers[host] = server
         return server
@@ -338,3 +338,46 @@ def test_an_unreachable_directory_is_a_clear_error_and_changes_nothing(hosts: Ho
     assert "etcd" in out.stderr or "directory" in out.stderr, out.stderr
     hosts.etcd.start()
     assert hosts.owner("shard-00") == ("host-a/0", 1)
+
+
+def shard_files(hosts: Hosts, host: str, shard: str) -> set[str]:
+    return {p.stem for p in (hosts.tmp / host / "shards" / shard).rglob("*.db")} - {"alarms"}
+
+
+def test_split_under_write_load_moves_the_upper_half_of_the_files(hosts: Hosts) -> None:
+    a = hosts.servers["host-a"]
+    keys = keys_of(0, 30)
+    fill(a.rpc_url, keys)
+    with Writer(a.rpc_url, keys[:12]) as writer:
+        writer.wait_for(200)
+        report = json.loads(hosts.ops("split", "shard-00", "--json").stdout)
+        writer.wait_for(sum(map(len, writer.acked.values())) + 200)
+    assert report["new_shard"] == "shard-02" and report["slots"] == [[1024, 2048]]
+    shards = {s["id"]: s for s in hosts.status()["shards"]}
+    assert shards["shard-00"]["slots"] == [[0, 1024]] and shards["shard-00"]["epoch"] == 2
+    assert shards["shard-02"]["owner"] == "host-a/0" and shards["shard-02"]["epoch"] == 1
+    upper = {k for k in keys if slot_of(k, SLOTS) >= 1024}
+    assert upper and report["actors_moved"] == len(upper)
+    assert shard_files(hosts, "host-a", "shard-02") == upper
+    assert shard_files(hosts, "host-a", "shard-00") == set(keys) - upper
+    writer.check(a.rpc_url)
+    for key in keys[12:]:
+        assert values(a.rpc_url, key) == [-1, -2, -3]
+
+
+def test_a_split_cut_short_after_its_flip_is_finished_on_restart(hosts: Hosts) -> None:
+    hosts.servers["host-a"].kill()
+    a = hosts.start("host-a", env={"SHARDLITE_CRASH_AT": "split-flipped"})
+    keys = keys_of(0, 10)
+    fill(a.rpc_url, keys)
+    out = hosts.ops("split", "shard-00", check=False)
+    assert out.returncode != 0  # its owner died under it
+    a.kill()
+    a = hosts.start("host-a")  # renames what the split did not get to
+    upper = {k for k in keys if slot_of(k, SLOTS) >= 1024}
+    assert shard_files(hosts, "host-a", "shard-02") == upper
+    for key in keys:
+        assert values(a.rpc_url, key) == [-1, -2, -3]
+    fill(a.rpc_url, keys[:1], rows=1)
+    assert values(a.rpc_url, keys[0]) == [-1, -2, -3, -1]
+    assert {s["id"] for s in hosts.status()["shards"]} == {"shard-00", "shard-01", "shard-02"}
