@@ -52,6 +52,7 @@ WRITER_MAX_S = 60.0
 AFTER_MOVE_S = 1.0
 CLI_TIMEOUT_S = 300.0
 ROW_BYTES_MAX = 1_000_000  # rows of at most 1 MB: the RPC frame limit is 8 MB
+TARGET_MS = 100.0  # the issue: cutover pause p99 under 100 ms for actors up to 10 MB
 HOST_CPU = {"host-a": "0", "host-b": "1"}
 
 
@@ -320,8 +321,10 @@ def _report(
     opts: Options, cases: list[Case], results: dict[str, list[dict[str, Any]]]
 ) -> SectionResult:
     rows, wrows, console = [], [], []
+    pauses = []
     for case in cases:
         rs = results[case.label]
+        pauses.append(_s(rs, lambda r: r["writes"]["gap"]).median)
         move_mbs = _s(rs, lambda r: r["report"]["bytes"] / 1e6 / r["report"]["seconds"])
         copy_mbs = _s(rs, lambda r: r["copy_bytes"] / 1e6 / r["copy_s"])
         label = f"{case.actors} × {case.actor_bytes / 1e6:g} MB"
@@ -379,8 +382,9 @@ def _report(
         wrows,
     )
     verdict = "; ".join(
-        f"{r[0]}: cutover {r[6]} ms, write p99 {w[3]} ms, longest ack gap {w[5]} ms"
-        for r, w in zip(rows, wrows, strict=True)
+        f"{r[0]}: cutover {r[6]} ms, longest ack gap {w[5]} ms, slowest write {w[4]} ms "
+        f"({'under' if pause < TARGET_MS else 'over'} {TARGET_MS:g} ms in the median run)"
+        for r, w, pause in zip(rows, wrows, pauses, strict=True)
     )
     body = (
         header(NAME, opts, DEFAULT_RUNS)
@@ -404,7 +408,9 @@ def _report(
         "connected to host-a; latency is over the writes sent while the CLI ran, the "
         "longest gap is between consecutive acknowledgements (the pause a client sees). "
         f"{opts.runs} runs per case; median [min–max].\n\n"
-        f"Target from the issue: a cutover pause under 100 ms p99 for actors up to 10 MB. "
+        "Target from the issue: a cutover pause under 100 ms p99 for actors up to 10 MB. The "
+        "writer is closed loop, so a pause holds about one write: it shows in the slowest "
+        "write and the longest gap between acknowledgements, not in the p99 of all writes. "
         f"Measured: {verdict}. One machine, loopback networking, 2 cores shared by both "
         "hosts, etcd, the CLI and the writer: a real move crosses a network and the copy "
         "runs on two machines' disks."
