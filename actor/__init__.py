@@ -42,7 +42,7 @@ from ._keys import (
     resolve_actor_path,
     validate_key,
 )
-from ._logdurability import LogDurability
+from ._logdurability import LogDurability, replay_file
 from ._ops import (
     Batch,
     BatchResult,
@@ -71,7 +71,7 @@ from ._ops import (
     WorkflowList,
 )
 from ._pool import ActorPool, Waiter, open_actor_pool
-from ._shardlog import raise_log_epoch, read_log_epoch
+from ._shardlog import Record, raise_log_epoch, read_log_epoch
 from ._workflow import Workflow
 
 __all__ = [
@@ -117,6 +117,7 @@ __all__ = [
     "Params",
     "QuotaExceeded",
     "RateLimited",
+    "Record",
     "Result",
     "Sink",
     "Sql",
@@ -150,6 +151,7 @@ __all__ = [
     "raise_log_epoch",
     "read_log_epoch",
     "relpath_to_key",
+    "replay_file",
     "resolve_actor_path",
     "sha256_file",
     "shard_of_path",

@@ -50,6 +50,17 @@ class DurabilityPolicy(Protocol):
     def log_epoch(self, directory: str) -> int:
         """The shard log's epoch (0: none): a copy of the shard starts its log above it."""
 
+    def ship_records(self, directory: str, on: bool) -> None:
+        """Keep (or stop keeping) the records of the shard's commits, for a move."""
+
+    def take_records(
+        self, directory: str, keys: list[str]
+    ) -> tuple[dict[str, list[tuple[int, bytes]]], list[str]]:
+        """The kept records of ``keys``, and the keys that must be copied whole."""
+
+    def replaced(self, actor: Actor) -> None:
+        """The actor's file was deleted or replaced whole (its records no longer apply)."""
+
     def creation_lsn(self, actor: Actor) -> int:
         """The log position a new actor file starts at."""
 
@@ -101,6 +112,17 @@ class _PerFileDurability:
 
     def log_epoch(self, directory: str) -> int:
         return read_log_epoch(directory)
+
+    def ship_records(self, directory: str, on: bool) -> None:
+        pass  # no records: every written key is copied whole
+
+    def replaced(self, actor: Actor) -> None:
+        pass
+
+    def take_records(
+        self, directory: str, keys: list[str]
+    ) -> tuple[dict[str, list[tuple[int, bytes]]], list[str]]:
+        return {}, keys
 
     def creation_lsn(self, actor: Actor) -> int:
         return 0

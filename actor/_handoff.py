@@ -114,17 +114,21 @@ class HandoffMixin:
         for actor in self._actors.values():
             if shard_of_path(actor.path) == directory:
                 actor.written = written
+        self.durability.ship_records(directory, True)
 
-    def take_written(self, directory: str) -> list[str]:
-        """The keys written since tracking began or since the last take."""
+    def take_written(self, directory: str) -> tuple[dict[str, list[tuple[int, bytes]]], list[str]]:
+        """What was written since tracking began or since the last take: per key, the
+        shard-log records that replay it (durability=log), or else the key alone (its
+        file must be copied again)."""
         written = self._tracked.get(directory)
         if written is None:
             raise BadRequest(f"writes of {os.path.basename(directory)} are not being tracked")
         keys = sorted(written)
         written.clear()
-        return keys
+        return self.durability.take_records(directory, keys)
 
     def untrack_writes(self, directory: str) -> None:
+        self.durability.ship_records(directory, False)
         written = self._tracked.pop(directory, None)
         for actor in self._actors.values():
             if actor.written is written:
@@ -223,6 +227,7 @@ class HandoffMixin:
                 os.unlink(staged)
         if actor.written is not None:
             actor.written.add(actor.key)
+            self.durability.replaced(actor)
         if self.runtime is not None:
             self.runtime.scheduler.note(actor.key, shard_of_path(actor.path), at)
         actor.last_lsn = actor.file_lsn = 0

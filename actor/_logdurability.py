@@ -40,6 +40,8 @@ from ._shardlog import LOG_DIR, Record, Recovered, ShardLog, encode_record, read
 log = logging.getLogger("shardlite.actor")
 
 CHECKPOINT_POLL_S = 1.0
+SHIP_MAX_BYTES = 64 << 20
+"""Records kept for a shard being moved before its written keys are copied whole instead."""
 SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
 
@@ -76,6 +78,10 @@ class _Shard:
         self.bytes = 0
         self.trimmed_segments = 0
         self.failures = 0
+        self.shipping: dict[str, list[tuple[int, bytes]] | None] | None = None
+        """While the shard is being moved: each key's records since tracking began (None:
+        a change no record describes; the key must be copied whole)."""
+        self.shipping_bytes = 0
 
 
 class LogDurability:
@@ -180,9 +186,13 @@ class LogDurability:
         if record is None:
             capture.reset()
             actor.needs_file_sync = True
+            if shard.shipping is not None:
+                shard.shipping[actor.key] = None
             return
         shard.buffer.append(encode_record(lsn, actor.key, record))
         shard.buffered_lsn = lsn
+        if shard.shipping is not None:
+            self._ship(shard, actor.key, lsn, record)
         shard.unsynced.setdefault(actor, lsn)
         shard.wake.set()
 
@@ -205,6 +215,58 @@ class LogDurability:
         """The transaction whose record was being built is gone: forget its keys."""
         if actor.capture is not None:
             actor.capture.reset()
+        shard = actor.log_shard
+        if shard is not None and shard.shipping is not None:
+            shard.shipping[actor.key] = None  # a record may have been taken: copy it whole
+
+    # ------------------------------------------------------------------ shipping (moves)
+
+    def ship_records(self, directory: str, on: bool) -> None:
+        """Start (anew) or stop keeping the records of the shard's commits for a move."""
+        shard = self.shards.get(directory)
+        if shard is not None:
+            shard.shipping = {} if on else None
+            shard.shipping_bytes = 0
+
+    def replaced(self, actor: Actor) -> None:
+        """The actor's file was deleted or replaced whole: no record describes that."""
+        shard = self.shards.get(os.path.dirname(os.path.dirname(actor.path)))
+        if shard is not None and shard.shipping is not None:
+            shard.shipping[actor.key] = None
+
+    def take_records(
+        self, directory: str, keys: list[str]
+    ) -> tuple[dict[str, list[tuple[int, bytes]]], list[str]]:
+        """For ``keys`` written since the last take: the records that replay their
+        changes, and the keys that must be copied whole instead."""
+        shard = self.shards.get(directory)
+        shipping = shard.shipping if shard is not None else None
+        if shard is None or shipping is None:
+            return {}, keys
+        records: dict[str, list[tuple[int, bytes]]] = {}
+        whole = []
+        for key in keys:
+            kept = shipping.pop(key, None)
+            if kept:
+                records[key] = kept
+            else:
+                whole.append(key)
+        shard.shipping_bytes = sum(len(p) for v in shipping.values() if v for _, p in v)
+        return records, whole
+
+    def _ship(self, shard: _Shard, key: str, lsn: int, record: bytes) -> None:
+        shipping = shard.shipping
+        assert shipping is not None
+        if key in shipping and shipping[key] is None:
+            return  # copied whole anyway
+        if shard.shipping_bytes + len(record) > SHIP_MAX_BYTES:
+            for k in shipping:
+                shipping[k] = None  # too much to keep: the keys are copied whole
+            shipping[key] = None
+            shard.shipping_bytes = 0
+            return
+        shipping.setdefault(key, []).append((lsn, record))  # type: ignore[union-attr]
+        shard.shipping_bytes += len(record)
 
     def file_durable(self, actor: Actor, lsn: int) -> None:
         """The actor's file holds everything up to ``lsn`` durably (sync, checkpoint,
@@ -391,7 +453,7 @@ def replay_shard(
         if not os.path.exists(path):
             continue
         try:
-            replayed += _replay_file(path, key, records, config, alarms)
+            replayed += replay_file(path, key, records, config, alarms)
         except (apsw.Error, ReplayError, Error) as exc:
             # one damaged file must not keep the whole shard from serving: its actor
             # fails to open (and `ops verify` reports it); the others recover
@@ -399,7 +461,7 @@ def replay_shard(
     return replayed, alarms
 
 
-def _replay_file(
+def replay_file(
     path: str, key: str, records: list[Record], config: ActorConfig, alarms: dict[str, float | None]
 ) -> int:
     conn, auth = open_actor_db(path, key, config, create=False)
@@ -437,4 +499,4 @@ def _note_alarms(conn: apsw.Connection, key: str, into: dict[str, float | None])
         into[key] = None if at is None else float(at)
 
 
-__all__ = ["LogDurability", "drain_shard_log", "replay_shard", "sync_wal"]
+__all__ = ["LogDurability", "drain_shard_log", "replay_file", "replay_shard", "sync_wal"]

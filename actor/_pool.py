@@ -527,6 +527,7 @@ class ActorPool(HandoffMixin):
         existed = await trio.to_thread.run_sync(unlink)
         if actor.written is not None:
             actor.written.add(actor.key)
+            self.durability.replaced(actor)
         if self.runtime is not None:
             self.runtime.deleted(actor.key, actor.path)
         return Deleted(existed)

@@ -4,11 +4,13 @@ The phases (after Vitess MoveTables and Akka handoff; DESIGN.md "Moving a shard"
 recorded in the shard's move record in the directory so that ``--resume`` and
 ``--abort`` can finish a move whose CLI, source or target died:
 
-1. ``copy``: the source notes every key written from now on; the target pulls every
-   actor file (backup API copies, sha256 and quick_check verified); then the keys
-   written meanwhile are pulled again, round after round, while that set shrinks.
+1. ``copy``: the source notes every key written from now on (and, with
+   ``durability=log``, keeps the shard-log records of those writes); the target pulls
+   every actor file (backup API copies, sha256 and quick_check verified); then, round
+   after round, the records are replayed into the copies (a key no record describes,
+   such as a schema change, is copied again whole).
 2. ``fenced``: the source holds new requests for the shard (bounded in count and time),
-   finishes those in flight and records the fence; the last written keys are pulled;
+   finishes those in flight and records the fence; the last changes are applied;
    both sides must list the same keys.
 3. ``flipped``: one directory transaction, iff the fence still stands, gives the shard
    to the target at the next epoch (the point of no return). The target serves; the
@@ -34,8 +36,10 @@ from ._nodes import Nodes, OpsError, find_shard, host_of
 PULL_BATCH = 256
 """Actor files per PullActors request (progress is printed between them)."""
 CATCH_UP_ROUNDS = 10
-SMALL_ENOUGH = 32
-"""Keys left to re-copy below which the cutover starts."""
+SMALL_ENOUGH = 8
+"""Files left to copy again below which the cutover starts ..."""
+SMALL_RECORDS = 2000
+"""... and log records left to replay (each is microseconds)."""
 CRASH_ENV = "SHARDLITE_CRASH_AT"
 
 Echo = Callable[[str], None]
@@ -132,13 +136,14 @@ class Mover:
         _crash_point("copy")
         rounds = 0
         for _ in range(CATCH_UP_ROUNDS):
-            written = (await self.nodes.ask(source, wire.TakeWritten(shard))).keys
-            if not written:
-                break
+            pulled = await self.nodes.ask(target, wire.PullChanges(shard, source, epoch))
             rounds += 1
-            self.echo(f"{shard}: catch-up round {rounds}: {len(written)} actors written since")
-            await self._pull(source, target, shard, written, epoch)
-            if len(written) <= SMALL_ENOUGH:
+            whole = pulled.copied + pulled.removed
+            self.echo(
+                f"{shard}: catch-up round {rounds}: {pulled.replayed} actors brought up to "
+                f"date by {pulled.records} log records, {whole} copied again"
+            )
+            if whole <= SMALL_ENOUGH and pulled.records <= SMALL_RECORDS:
                 break
         self.report["catch_up_rounds"] = rounds
         fenced_at = time.monotonic()
@@ -160,8 +165,11 @@ class Mover:
     ) -> tuple[MoveRecord, int]:
         shard = move.shard
         _crash_point("fenced")
-        written = (await self.nodes.ask(source, wire.TakeWritten(shard))).keys
-        await self._pull(source, target, shard, written, epoch)
+        steps = self.report["cutover_steps_ms"] = {"fence": _ms(fenced_at)}
+        last = await self.nodes.ask(target, wire.PullChanges(shard, source, epoch))
+        steps["last_changes"] = _ms(fenced_at) - sum(steps.values())
+        self.report["cutover_records"] = last.records
+        self.report["cutover_copies"] = last.copied + last.removed
         theirs = (await self.nodes.ask(source, wire.ShardKeys(shard))).keys
         ours = (await self.nodes.ask(target, wire.ShardKeys(shard))).keys
         if theirs != ours:
@@ -179,7 +187,8 @@ class Mover:
                 f"{shard}: the source gave up its fence (the cutover took too long) or the "
                 "directory changed; nothing was flipped: run the move again with --resume"
             )
-        self.report["cutover_ms"] = round((time.monotonic() - fenced_at) * 1000, 1)
+        steps["verify_and_flip"] = _ms(fenced_at) - sum(steps.values())
+        self.report["cutover_ms"] = _ms(fenced_at)
         self.report["epoch"] = new.epoch
         self.echo(f"{shard}: now owned by {move.target} at epoch {new.epoch}")
         _crash_point("flipped")
@@ -292,6 +301,10 @@ class Mover:
             # a source that restarts gives the fence up itself before it serves
             raise OpsError(f"the source {move.source} is down; start it, then run this again")
         await self.nodes.ask(source.rpc, wire.Unfence(move.shard))
+
+
+def _ms(since: float) -> float:
+    return round((time.monotonic() - since) * 1000, 1)
 
 
 def _address(placement: Placement, node: str, role: str) -> str:

@@ -132,9 +132,25 @@ class TrackWrites(msgspec.Struct, tag="track_writes", array_like=True, frozen=Tr
 
 
 class TakeWritten(msgspec.Struct, tag="take_written", array_like=True, frozen=True):
-    """The keys of ``shard`` written since tracking started or the last take."""
+    """What ``shard``'s actors wrote since tracking started or the last take."""
 
     shard: str
+
+
+class Written(msgspec.Struct, array_like=True):
+    records: dict[str, list[tuple[int, bytes]]]
+    """Per key, the shard-log records of its commits (LSN, payload: docs/shardlog.md)."""
+    whole: list[str]
+    """Keys no record describes (or durability is not ``log``): copy their files again."""
+
+
+class PullChanges(msgspec.Struct, tag="pull_changes", array_like=True, frozen=True):
+    """Target of a move: take what ``shard`` wrote at ``source`` since the last take and
+    apply it here (records replayed into the copies, the other keys copied again)."""
+
+    shard: str
+    source: str
+    log_epoch: int
 
 
 class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):
@@ -179,6 +195,8 @@ class Pulled(msgspec.Struct, array_like=True):
     removed: int
     bytes: int
     checksums: dict[str, str]
+    replayed: int = 0  # keys brought up to date by records
+    records: int = 0
 
 
 class Fence(msgspec.Struct, tag="fence", array_like=True, frozen=True):
@@ -264,6 +282,7 @@ ADMIN_OPS = (
     Snapshot,
     ReadChunk,
     PullActors,
+    PullChanges,
     Fence,
     Unfence,
     Adopt,
@@ -299,6 +318,7 @@ WireOp: TypeAlias = (
     | Snapshot
     | ReadChunk
     | PullActors
+    | PullChanges
     | Fence
     | Unfence
     | Adopt
@@ -352,10 +372,11 @@ RESULT_TYPES: dict[type, type] = {
     Authenticate: Authenticated,
     ShardKeys: KeyList,
     TrackWrites: Done,
-    TakeWritten: KeyList,
+    TakeWritten: Written,
     Snapshot: SnapshotInfo,
     ReadChunk: Chunk,
     PullActors: Pulled,
+    PullChanges: Pulled,
     Fence: Fenced,
     Unfence: Done,
     Adopt: Done,

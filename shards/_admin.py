@@ -23,6 +23,7 @@ forwarded instead).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -40,11 +41,13 @@ from shardlite.actor import (
     ActorPool,
     BadRequest,
     NotFound,
+    Record,
     Unavailable,
     check_actor_file,
     raise_log_epoch,
     read_log_epoch,
     relpath_to_key,
+    replay_file,
     resolve_actor_path,
     sha256_file,
     sync_directory,
@@ -61,6 +64,8 @@ CHUNK_BYTES = 4 << 20
 FIRST_CHUNK_BYTES = 1 << 20
 """Bytes a Snapshot reply carries inline: smaller files need one round trip."""
 SNAPSHOT_TTL_S = 600.0
+PULL_PARALLEL = 8
+"""Files a target copies at once (their snapshots, transfers and syncs overlap)."""
 QUIESCE_S = 10.0
 """How long a fence waits for the shard's requests in flight to finish."""
 FENCE_MAX_S = 15.0
@@ -114,9 +119,10 @@ class Admin:
             self.pool.untrack_writes(directory)
         return wire.Done()
 
-    async def _takewritten(self, op: wire.TakeWritten) -> wire.KeyList:
+    async def _takewritten(self, op: wire.TakeWritten) -> wire.Written:
         directory = self._served_dir(op.shard)
-        return wire.KeyList(self.pool.take_written(directory))
+        records, whole = self.pool.take_written(directory)
+        return wire.Written(records, whole)
 
     async def _snapshot(self, op: wire.Snapshot) -> wire.SnapshotInfo:
         shard = self.node.placement.shard_for(op.key).id
@@ -274,12 +280,72 @@ class Admin:
                 await trio.to_thread.run_sync(raise_log_epoch, directory, op.log_epoch)
             pulled = wire.Pulled(0, 0, 0, {})
             alarms: dict[str, float | None] = {}
-            for key in op.keys:
-                await self._pull_one(op.source, directory, key, pulled, alarms)
+            await self._pull_many(op.source, directory, op.keys, pulled, alarms)
             await trio.to_thread.run_sync(_note_alarms, directory, alarms)
             return pulled
         finally:
             self.pulling.discard(op.shard)
+
+    async def _pullchanges(self, op: wire.PullChanges) -> wire.Pulled:
+        if op.shard in self.node.served or op.shard in self.pulling:
+            raise BadRequest(f"{op.shard} is served or being copied here already")
+        directory = shard_dir(self.data, op.shard)
+        self.pulling.add(op.shard)
+        try:
+            written = await self._ask(op.source, wire.TakeWritten(op.shard))
+            await trio.to_thread.run_sync(raise_log_epoch, directory, op.log_epoch)
+            pulled = wire.Pulled(0, 0, 0, {})
+            alarms: dict[str, float | None] = {}
+            failed = await self._apply_parallel(directory, written.records, alarms)
+            pulled.replayed = len(written.records) - len(failed)
+            pulled.records = sum(map(len, written.records.values()))
+            await self._pull_many(
+                op.source, directory, sorted({*written.whole, *failed}), pulled, alarms
+            )
+            await trio.to_thread.run_sync(_note_alarms, directory, alarms)
+            return pulled
+        finally:
+            self.pulling.discard(op.shard)
+
+    async def _apply_parallel(
+        self,
+        directory: str,
+        records: dict[str, list[tuple[int, bytes]]],
+        alarms: dict[str, float | None],
+    ) -> list[str]:
+        """apply_records in PULL_PARALLEL worker threads (each file's sync overlaps)."""
+        keys = sorted(records)
+        groups = [keys[i::PULL_PARALLEL] for i in range(min(PULL_PARALLEL, len(keys)))]
+        failed: list[str] = []
+
+        async def one(group: list[str]) -> None:
+            part = {k: records[k] for k in group}
+            replay = functools.partial(apply_records, directory, part, self.pool.config, alarms)
+            failed.extend(await trio.to_thread.run_sync(replay))
+
+        async with trio.open_nursery() as nursery:
+            for group in groups:
+                nursery.start_soon(one, group)
+        return failed
+
+    async def _pull_many(
+        self,
+        source: str,
+        directory: str,
+        keys: list[str],
+        pulled: wire.Pulled,
+        alarms: dict[str, float | None],
+    ) -> None:
+        """Copy ``keys`` from ``source``, ``PULL_PARALLEL`` at a time."""
+        limiter = trio.CapacityLimiter(PULL_PARALLEL)
+
+        async def one(key: str) -> None:
+            async with limiter:
+                await self._pull_one(source, directory, key, pulled, alarms)
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(one, key)
 
     async def _pull_one(
         self,
@@ -466,6 +532,31 @@ def _key_inside(path: str) -> str | None:
         return None
     finally:
         conn.close()
+
+
+def apply_records(
+    directory: str,
+    records: dict[str, list[tuple[int, bytes]]],
+    config: Any,
+    alarms: dict[str, float | None],
+) -> list[str]:
+    """Replay shipped records into the copies (those above the position each holds);
+    the keys that could not be brought up to date so (no copy yet, or a record that
+    does not apply): the caller copies those whole. Blocking."""
+    failed = []
+    for key, kept in records.items():
+        path = resolve_actor_path(directory, key)
+        if not os.path.exists(path):
+            failed.append(key)
+            continue
+        try:
+            replay_file(
+                path, key, [Record(lsn, key, payload) for lsn, payload in kept], config, alarms
+            )
+        except Exception as exc:  # apsw.Error, ReplayError, a damaged copy
+            log.warning("records of %r do not apply to its copy (%s): copying it whole", key, exc)
+            failed.append(key)
+    return failed
 
 
 def _read_at(path: str, offset: int, length: int) -> bytes:

@@ -45,6 +45,9 @@ WATCH_TIMEOUT_S = 5.0
 RETRY_DIRECTORY_S = 1.0
 PEER_POLL_S = 0.05
 ROUTE_CACHE_KEYS = 100_000
+REFRESH_HOLD_S = 2.0
+"""How long a request with a newer epoch than this process knows waits for a directory read."""
+REFRESH_EVERY_S = 0.5
 HOLD_MAX_S = 5.0
 """How long requests for a fenced shard (a move's cutover) wait before ``unavailable``."""
 MAX_HELD = 10_000
@@ -129,6 +132,9 @@ class Node:
         """Run first by every adopt (finishing an interrupted split)."""
         self.served: dict[str, int] = {}  # shard id -> epoch it is served at
         self.fences: dict[str, ShardFence] = {}  # shards whose requests are held
+        self.refreshing: dict[str, ShardFence] = {}  # held until the directory is read
+        self._refreshed_at: dict[str, float] = {}
+        self.nursery: trio.Nursery | None = None  # for directory reads (set by the server)
         self._adopting = trio.Lock()
         self._shard_of: dict[str, ShardRecord] = {}  # key -> its shard, this placement
         self.not_ready: str | None = None
@@ -294,12 +300,41 @@ class Node:
                 if self.fences:
                     return self.fences.get(shard.id)
                 return None
-            return self.wrong_shard(shard, epoch)  # newer: the watcher catches up soon
+            return self._newer(shard, epoch)
         if epoch is not None:  # the sender thought this node owned it: let it re-route
-            return self.wrong_shard(shard, epoch)
+            return self._newer(shard, epoch)
         if shard.owner not in placement.nodes:
             return Unavailable(f"{shard.id} has no live owner (its server is down or starting)")
         return shard
+
+    def _newer(self, shard: ShardRecord, epoch: int) -> ShardFence | WrongShard:
+        """The sender saw another epoch. If it saw a newer one (a move just flipped the
+        shard to this process, and the watcher has not caught up), read the directory
+        now and hold the request meanwhile; else let the sender re-route."""
+        if epoch <= shard.epoch or self.nursery is None:
+            return self.wrong_shard(shard, epoch)
+        fence = self.refreshing.get(shard.id)
+        if fence is not None:
+            return fence
+        now = trio.current_time()
+        if now - self._refreshed_at.get(shard.id, -1e9) < REFRESH_EVERY_S:
+            return self.wrong_shard(shard, epoch)  # just looked: the directory says so
+        self._refreshed_at[shard.id] = now
+        fence = self.refreshing[shard.id] = ShardFence(shard.id, hold_s=REFRESH_HOLD_S)
+        self.nursery.start_soon(self._refresh, fence)
+        return fence
+
+    async def _refresh(self, fence: ShardFence) -> None:
+        try:
+            with trio.move_on_after(REFRESH_HOLD_S):
+                placement = await self.directory.load()
+                if placement is not None:
+                    await self.adopt(placement)
+        except DirectoryUnavailable as exc:
+            log.warning("cannot read the directory for %s: %s", fence.shard, exc)
+        finally:
+            self.refreshing.pop(fence.shard, None)
+            fence.release(True)
 
     def wrong_shard(self, shard: ShardRecord, epoch: int | None) -> WrongShard:
         where = self.placement.location(shard)

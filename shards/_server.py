@@ -223,6 +223,7 @@ async def _serve(
                     node.admin = admin = Admin(pool, node, data, background)
                     node.detach = admin.detach
                     node.prepare = admin.prepare
+                    node.nursery = background
                     background.start_soon(delete_retired, data, settings.retired_keep)
                     node.auth = auth
                     if settings.rate_limit > 0:

@@ -180,7 +180,7 @@ def test_a_move_under_write_load_loses_nothing(hosts: Hosts) -> None:
     assert not (hosts.tmp / "host-a" / "shards" / "shard-00").exists()
     assert list((hosts.tmp / "host-a" / "retired").iterdir())
     print(
-        f"\nmove under load: cutover {report['cutover_ms']} ms, "
+        f"\nmove under load: cutover {report['cutover_ms']} ms {report['cutover_steps_ms']}, "
         f"longest pause between acks {max(writer.gaps) * 1000:.0f} ms"
     )
 
