@@ -365,6 +365,7 @@ class Node:
         while isinstance(where, ShardFence):
             if not await where.wait():
                 raise Unavailable(f"{where.shard} is being moved; retry shortly", retry_after=1.0)
+            epoch = None  # accepted before the flip: forwarded, not bounced, if it moved
             where = self.route(key, epoch)
         if where is None:
             if type(op) is wire.Delete:

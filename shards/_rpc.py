@@ -150,8 +150,8 @@ class RpcConnection:
 
         def resume(go: bool) -> None:
             self.inflight -= 1
-            if go:
-                self._dispatch([memoryview(payload)])
+            if go:  # accepted before a move's flip: forwarded, not bounced, if it moved
+                self._dispatch([memoryview(payload)], held=True)
             else:
                 self._reply_now(req_id, Unavailable(f"{fence.shard} is being moved; retry"))
 
@@ -176,7 +176,7 @@ class RpcConnection:
         status = await self.node.status(self.pool.statistics()["actors_open"])
         self.deliver(req_id, status)
 
-    def _dispatch(self, frames: list[memoryview]) -> None:
+    def _dispatch(self, frames: list[memoryview], *, held: bool = False) -> None:
         groups: dict[str, list[Call]] = {}
         decode = wire.request_decoder.decode
         route = self.node.route
@@ -241,7 +241,7 @@ class RpcConnection:
             if limit is not None and not self.peer and (limited := limit(req.key)) is not None:
                 self._reply_now(req.id, limited)
                 continue
-            where = route(req.key, req.epoch)
+            where = route(req.key, None if held else req.epoch)
             if where is not None:
                 if type(where) is ShardFence:
                     self._hold(where, req.id, bytes(payload))
