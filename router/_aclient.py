@@ -272,10 +272,11 @@ class AsyncRoutingTransport:
                 continue
             try:
                 return await transport.request(key, op, idempotency_key, epoch)
-            except (WrongShard, Moved):
+            except (WrongShard, Moved) as exc:
                 if last:
                     raise
-                self._routes.stale = True
+                if not self._routes.learn(exc):  # else: the error says where, go at once
+                    self._routes.stale = True
         raise AssertionError("unreachable")
 
     async def aclose(self) -> None:

@@ -164,10 +164,11 @@ class RoutingTransport:
             transport = self._transport(address)
             try:
                 return transport.request(key, op, idempotency_key, epoch)
-            except (WrongShard, Moved):
+            except (WrongShard, Moved) as exc:
                 if last:
                     raise
-                self._routes.stale = True
+                if not self._routes.learn(exc):  # else: the error says where, go at once
+                    self._routes.stale = True
             except OSError:  # the owner cannot be reached (nothing was sent): re-route
                 if last or transport is self._seed:
                     raise

@@ -42,7 +42,7 @@ from shardlite.actor import (
 )
 
 from . import _wire as wire
-from ._placement import Placement, PlacementMap
+from ._placement import NodeRecord, Placement, PlacementMap, ShardRecord
 
 MAX_ROUTE_ATTEMPTS = 6
 """Tries of one request across placement refreshes (``wrong_shard``, ``moved``, an owner
@@ -112,6 +112,24 @@ class RouteTable:
     def disable(self) -> None:
         self.enabled = self.stale = False
         self.placement = None
+
+    def learn(self, error: Error) -> bool:
+        """Take a ``wrong_shard`` that names a newer owner of a shard (a move) into the
+        table; False if it does not (then the whole placement is read again)."""
+        placement = self.placement
+        details = error.details
+        shard = placement.shards.get(details.get("shard", "")) if placement else None
+        epoch, owner, location = details.get("epoch"), details.get("owner"), details.get("location")
+        if placement is None or shard is None or not isinstance(epoch, int) or not location:
+            return False
+        if epoch <= shard.epoch or not owner or owner == shard.owner:
+            return False  # not newer, or not a move (a split changes slots: read them all)
+        placement.shards[shard.id] = ShardRecord(shard.id, shard.ranges, owner, epoch)
+        node = placement.nodes.get(owner)
+        if node is None or node.rpc != location:
+            host = owner.rpartition("/")[0]
+            placement.nodes[owner] = NodeRecord(owner, host, location, "", 0, 0.0)
+        return True
 
     def lookup(self, key: str, op: wire.WireOp) -> tuple[str | None, int | None]:
         placement = self.placement

@@ -115,7 +115,7 @@ class Writer:
 
     def run(self) -> None:
         n = 0
-        last = time.monotonic()
+        last = self.start_time = time.monotonic()
         deadline = last + 120
         with shardlite.connect(self.url) as client:
             while not self.stop.is_set() and time.monotonic() < deadline:
