@@ -145,6 +145,7 @@ class Mover:
             )
             if whole <= SMALL_ENOUGH and pulled.records <= SMALL_RECORDS:
                 break
+        await self.nodes.ask(target, wire.PullChanges(shard, source, epoch, ready=True))
         self.report["catch_up_rounds"] = rounds
         fenced_at = time.monotonic()
         mod = (await self.nodes.ask(source, wire.Fence(shard, mod))).move_mod

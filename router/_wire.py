@@ -146,11 +146,14 @@ class Written(msgspec.Struct, array_like=True):
 
 class PullChanges(msgspec.Struct, tag="pull_changes", array_like=True, frozen=True):
     """Target of a move: take what ``shard`` wrote at ``source`` since the last take and
-    apply it here (records replayed into the copies, the other keys copied again)."""
+    apply it here (records replayed into the copies, the other keys copied again).
+    ``ready``: then also open the copy's shard log, so that serving it after the flip
+    costs no file syncs."""
 
     shard: str
     source: str
     log_epoch: int
+    ready: bool = False
 
 
 class Snapshot(msgspec.Struct, tag="snapshot", array_like=True, frozen=True):

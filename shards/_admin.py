@@ -89,6 +89,7 @@ class Admin:
         self.snapshots: dict[str, tuple[str, int, float]] = {}  # id -> (path, size, expiry)
         self.pulling: set[str] = set()
         self.splitting: set[str] = set()
+        self.ready: set[str] = set()  # copies whose shard log is open before they serve
 
     async def handle(self, op: Any) -> Any:
         handler = getattr(self, "_" + type(op).__name__.lower(), None)
@@ -275,6 +276,7 @@ class Admin:
         self.pulling.add(op.shard)
         try:
             if op.fresh:
+                await self._unready(op.shard)
                 await trio.to_thread.run_sync(_wipe_shard, directory, op.log_epoch)
             else:
                 await trio.to_thread.run_sync(raise_log_epoch, directory, op.log_epoch)
@@ -303,6 +305,9 @@ class Admin:
                 op.source, directory, sorted({*written.whole, *failed}), pulled, alarms
             )
             await trio.to_thread.run_sync(_note_alarms, directory, alarms)
+            if op.ready and op.shard not in self.ready:
+                await self.pool.durability.attach_shard(directory)
+                self.ready.add(op.shard)
             return pulled
         finally:
             self.pulling.discard(op.shard)
@@ -403,8 +408,14 @@ class Admin:
         if op.shard in self.node.served or op.shard in self.pulling:
             raise BadRequest(f"{op.shard} is in use here; not deleting it")
         directory = shard_dir(self.data, op.shard)
+        await self._unready(op.shard)
         existed = await trio.to_thread.run_sync(_wipe_shard, directory, 0)
         return wire.Done(int(existed))
+
+    async def _unready(self, shard: str) -> None:
+        if shard in self.ready and shard not in self.node.served:
+            self.ready.discard(shard)
+            await self.pool.durability.detach_shard(shard_dir(self.data, shard))
 
     # ------------------------------------------------------------------ checks, restores
 
