@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -148,6 +148,7 @@ class Mover:
         await self.nodes.ask(target, wire.PullChanges(shard, source, epoch, ready=True))
         self.report["catch_up_rounds"] = rounds
         fenced_at = time.monotonic()
+        self.report["fenced_at"] = time.time()
         mod = (await self.nodes.ask(source, wire.Fence(shard, mod))).move_mod
         try:
             return await self._cut_over(
@@ -167,21 +168,32 @@ class Mover:
         shard = move.shard
         _crash_point("fenced")
         steps = self.report["cutover_steps_ms"] = {"fence": _ms(fenced_at)}
-        last = await self.nodes.ask(target, wire.PullChanges(shard, source, epoch))
+        got: dict[str, Any] = {}
+
+        async def get(name: str, fn: Callable[[], Awaitable[Any]]) -> None:
+            got[name] = await fn()
+
+        async with trio.open_nursery() as nursery:  # the source is fenced: all at once
+            nursery.start_soon(
+                get, "last", lambda: self.nodes.ask(target, wire.PullChanges(shard, source, epoch))
+            )
+            nursery.start_soon(get, "theirs", lambda: self.nodes.ask(source, wire.ShardKeys(shard)))
+            nursery.start_soon(get, "placement", lambda: _load(self.directory))
+            nursery.start_soon(get, "fenced", lambda: self.directory.load_move(shard))
         steps["last_changes"] = _ms(fenced_at) - sum(steps.values())
+        last = got["last"]
         self.report["cutover_records"] = last.records
         self.report["cutover_copies"] = last.copied + last.removed
-        theirs = (await self.nodes.ask(source, wire.ShardKeys(shard))).keys
+        theirs = got["theirs"].keys
         ours = (await self.nodes.ask(target, wire.ShardKeys(shard))).keys
         if theirs != ours:
             missing = sorted(set(theirs) ^ set(ours))[:5]
             raise OpsError(f"{shard}: the copy differs from the source (e.g. {missing}); retry")
-        placement = await _load(self.directory)
-        current = placement.shards[shard]
+        current = got["placement"].shards[shard]
         if current.owner != move.source or current.epoch != move.epoch:
             raise OpsError(f"{shard} changed owner or epoch during the move; not flipping")
         new = ShardRecord(shard, current.ranges, move.target, current.epoch + 1)
-        fenced, _ = await self.directory.load_move(shard)
+        fenced = got["fenced"][0]
         flipped = msgspec.structs.replace(fenced or move, phase="flipped")
         if not await self.directory.flip(move, mod, [(current, new)], flipped):
             raise OpsError(
@@ -225,6 +237,7 @@ class Mover:
         source_node = placement.nodes.get(move.source)
         if source_node is not None:
             await self.nodes.ask(source_node.rpc, wire.Release(move.shard))
+            self.report["released_at"] = time.time()
         else:
             self.echo(f"{move.shard}: the source is down; it retires its copy when it restarts")
         await self.directory.end_move(move.shard, mod)
