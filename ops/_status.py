@@ -8,6 +8,7 @@ does not answer is shown as such, not hidden.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -91,7 +92,11 @@ def _report(
                 "bytes": stats.bytes if stats else None,
             }
         )
+    moves = [
+        msgspec.to_builtins(m) for m in sorted(placement.moves.values(), key=lambda m: m.shard)
+    ]
     return {
+        "moves": moves,
         "directory": url,
         "cluster": msgspec.to_builtins(placement.cluster),
         "revision": placement.revision,
@@ -138,6 +143,14 @@ def print_status(report: dict[str, Any]) -> None:
             "-" if s["bytes"] is None else _size(s["bytes"]),
         )
     console.print(shards)
+    if report["moves"]:
+        moves = Table("shard", "kind", "from", "to", "phase", "since", title="moves in progress")
+        for m in report["moves"]:
+            since = time.strftime("%H:%M:%S", time.localtime(m["started"]))
+            to = m["new_shard"] if m["kind"] == "split" else m["target"]
+            moves.add_row(m["shard"], m["kind"], m["source"], to, m["phase"], since)
+        console.print(moves)
+        console.print("finish or undo one with `shardlite ops move SHARD --resume` / `--abort`")
 
 
 def _size(n: int) -> str:

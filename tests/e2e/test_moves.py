@@ -212,6 +212,8 @@ def test_a_move_whose_cli_dies_is_finished_by_resume(hosts: Hosts, phase: str) -
         "move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": phase}, check=False
     )
     assert crashed.returncode == 70, crashed.stderr
+    (move,) = hosts.status()["moves"]  # `ops status` shows it, with its phase
+    assert (move["shard"], move["phase"], move["target"]) == ("shard-00", phase, "host-b/0")
     owner = "host-b/0" if phase == "flipped" else "host-a/0"
     assert hosts.owner("shard-00")[0] == owner
     if phase != "fenced":  # exactly one owner serves meanwhile (a fence holds writes)
@@ -220,6 +222,7 @@ def test_a_move_whose_cli_dies_is_finished_by_resume(hosts: Hosts, phase: str) -
     assert again.returncode != 0 and "--resume" in again.stderr
     hosts.ops("move", "shard-00", "--resume")
     assert hosts.owner("shard-00") == ("host-b/0", 2)
+    assert hosts.status()["moves"] == []
     b = hosts.servers["host-b"].rpc_url
     written = 0 if phase == "fenced" else 2
     for key in moving[:written]:
