@@ -235,11 +235,15 @@ class Mover:
         target = _address(placement, move.target, "target")
         await self.nodes.ask(target, wire.Adopt())
         source_node = placement.nodes.get(move.source)
-        if source_node is not None:
+        try:
+            if source_node is None:
+                raise OpsError(f"{move.source} is not in the directory")
             await self.nodes.ask(source_node.rpc, wire.Release(move.shard))
-            self.report["released_at"] = time.time()
-        else:
-            self.echo(f"{move.shard}: the source is down; it retires its copy when it restarts")
+        except OpsError as exc:  # its restart retires the copy (shards/_admin.py)
+            self.echo(
+                f"{move.shard}: the source is down ({exc}); it retires its copy when it restarts"
+            )
+        self.report["released_at"] = time.time()
         await self.directory.end_move(move.shard, mod)
         self.echo(f"{move.shard}: moved to {move.target}")
 

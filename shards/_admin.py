@@ -70,6 +70,7 @@ QUIESCE_S = 10.0
 """How long a fence waits for the shard's requests in flight to finish."""
 FENCE_MAX_S = 15.0
 """A fence the move does not resolve within this is given up by the source."""
+DETACH_DELAY_S = 0.5
 TMP_DIR = "tmp"
 RETIRED_DIR = "retired"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -90,6 +91,7 @@ class Admin:
         self.pulling: set[str] = set()
         self.splitting: set[str] = set()
         self.ready: set[str] = set()  # copies whose shard log is open before they serve
+        self.strays_checked = False
 
     async def handle(self, op: Any) -> Any:
         handler = getattr(self, "_" + type(op).__name__.lower(), None)
@@ -239,8 +241,15 @@ class Admin:
         """The shard is no longer ours: close its actors, then keep its directory aside
         (retired) for inspection; ``--retired-keep`` later deletes it."""
         directory = shard_dir(self.data, shard)
+        # first let the requests the fence held go through to the new owner: closing
+        # thousands of actors keeps this loop busy for a while
+        await trio.sleep(DETACH_DELAY_S)
         await self.pool.detach_shard(directory)
         self.pool.resume_alarms(directory)
+        await self._retire(shard)
+
+    async def _retire(self, shard: str) -> None:
+        directory = shard_dir(self.data, shard)
         if not os.path.isdir(directory):  # noqa: ASYNC240 (a stat)
             return
         retired = os.path.join(self.data, RETIRED_DIR)
@@ -264,6 +273,29 @@ class Admin:
         from ._split import finish_splits
 
         await finish_splits(self, placement)
+        if not self.strays_checked:
+            self.strays_checked = True
+            await self._retire_strays(placement)
+
+    async def _retire_strays(self, placement: Any) -> None:
+        """Once, on start: copies of shards another host owns, which no move is bringing
+        here (a source that died before its release, a target whose move was aborted
+        while it was down), are retired like any shard that left."""
+        host = self.node.record.host
+        coming = {m.shard for m in placement.moves.values() if m.target.rpartition("/")[0] == host}
+        try:
+            names = os.listdir(os.path.join(self.data, "shards"))
+        except FileNotFoundError:
+            return
+        for name in names:
+            shard = placement.shards.get(name)
+            if shard is None or not shard.owner or name in coming:
+                continue
+            if shard.owner.rpartition("/")[0] == host:
+                continue
+            if self.node.record.id.endswith("/0"):  # one process of the host does it
+                log.warning("%s belongs to %s: retiring the copy left here", name, shard.owner)
+                await self._retire(name)
 
     # ------------------------------------------------------------------ target side
 

@@ -334,6 +334,21 @@ def test_a_target_killed_during_the_copy_is_restarted_and_the_move_resumed(hosts
     assert values(b.rpc_url, moving[5]) == [-1, -2, -3]
 
 
+def test_a_source_killed_after_the_flip_retires_its_copy_when_it_restarts(hosts: Hosts) -> None:
+    a = hosts.servers["host-a"]
+    moving = keys_of(0, 4)
+    fill(a.rpc_url, moving)
+    hosts.ops(
+        "move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "flipped"}, check=False
+    )
+    a.kill()
+    hosts.ops("move", "shard-00", "--resume")  # the source is down: finished without it
+    a = hosts.start("host-a")
+    assert not (hosts.tmp / "host-a" / "shards" / "shard-00").exists()
+    assert list((hosts.tmp / "host-a" / "retired").iterdir())
+    assert values(a.rpc_url, moving[0]) == [-1, -2, -3]  # forwarded to host-b
+
+
 def test_an_unreachable_directory_is_a_clear_error_and_changes_nothing(hosts: Hosts) -> None:
     hosts.etcd.stop()
     out = hosts.ops("move", "shard-00", "--to", "host-b", check=False)
