@@ -33,7 +33,7 @@ from ._errors import (
     WrongShard,
     error_from_dict,
 )
-from ._handoff import check_actor_file, sha256_file, shard_of_path
+from ._handoff import check_actor_file, next_alarm_of_file, sha256_file, shard_of_path
 from ._keys import (
     MAX_KEY_BYTES,
     key_hash,
@@ -147,6 +147,7 @@ __all__ = [
     "load_app",
     "make_durability",
     "method",
+    "next_alarm_of_file",
     "open_actor_pool",
     "raise_log_epoch",
     "read_log_epoch",

@@ -59,6 +59,23 @@ def integrity_problems(conn: apsw.Connection, *, quick: bool = False) -> str:
     return "" if rows == ["ok"] else "; ".join(rows)
 
 
+def next_alarm_of_file(path: str) -> float | None:
+    """The time of the next alarm an actor file holds (None: none, or unreadable)."""
+    try:
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.Error:
+        return None
+    try:
+        if not conn.table_exists("main", "_shardlite_alarms"):
+            return None
+        at = conn.execute("SELECT min(at) FROM _shardlite_alarms").fetchall()[0][0]
+        return None if at is None else float(at)
+    except apsw.Error:
+        return None
+    finally:
+        conn.close()
+
+
 def check_actor_file(path: str, key: str, *, quick: bool = False) -> str:
     """'' if ``path`` is a sound actor file of ``key``, else why not. Blocking."""
     try:
@@ -156,7 +173,7 @@ class HandoffMixin:
         """A consistent copy of ``key``'s file in a new file under ``into``: (path, size,
         sha256), or None if the actor has no file. The caller removes the copy."""
         try:
-            path: str = await self.call(key, Exclusive(functools.partial(_copy_to, into)))
+            path: str = await self.call(key, Exclusive(functools.partial(copy_to, into)))
         except NotFound:
             return None
 
@@ -266,10 +283,11 @@ class HandoffMixin:
             self.runtime.scheduler.detach(directory)
 
 
-async def _copy_to(into: str, actor: Actor) -> str:
+async def copy_to(into: str, actor: Actor) -> str:
+    """A consistent copy of the actor's file (backup API) in a new file under ``into``."""
     if actor.conn is None:
         await trio.to_thread.run_sync(functools.partial(actor.open, create=False))
-    fd, dest = tempfile.mkstemp(prefix="snapshot-", suffix=".db", dir=into)
+    fd, dest = tempfile.mkstemp(prefix="shardlite-copy-", suffix=".db", dir=into)
     os.close(fd)
     try:
         await trio.to_thread.run_sync(actor.export_blocking, dest)
@@ -299,4 +317,11 @@ async def _verify(actor: Actor) -> str:
         actor._auth.trusted = False
 
 
-__all__ = ["HandoffMixin", "check_actor_file", "sha256_file", "shard_of_path"]
+__all__ = [
+    "HandoffMixin",
+    "check_actor_file",
+    "copy_to",
+    "next_alarm_of_file",
+    "sha256_file",
+    "shard_of_path",
+]

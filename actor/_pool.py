@@ -31,7 +31,7 @@ from ._appruntime import DELIVERED, AppRuntime
 from ._config import ActorConfig
 from ._durability import DurabilityPolicy, make_durability
 from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
-from ._handoff import HandoffMixin
+from ._handoff import HandoffMixin, copy_to
 from ._keys import resolve_actor_path, validate_key
 from ._logdurability import LogDurability
 from ._ops import Deleted, ExportResult, Inline, Op
@@ -578,16 +578,7 @@ class ActorPool(HandoffMixin):
         return ExportResult(await trio.to_thread.run_sync(read))
 
     async def _export_file(self, actor: Actor) -> str:
-        if actor.conn is None:
-            await trio.to_thread.run_sync(functools.partial(actor.open, create=False))
-        fd, dest = tempfile.mkstemp(prefix="shardlite-export-", suffix=".db")
-        os.close(fd)
-        try:
-            await trio.to_thread.run_sync(actor.export_blocking, dest)
-        except BaseException:
-            os.unlink(dest)
-            raise
-        return dest
+        return await copy_to(tempfile.gettempdir(), actor)
 
     # ------------------------------------------------------------------ background tasks
 

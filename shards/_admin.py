@@ -44,6 +44,7 @@ from shardlite.actor import (
     Record,
     Unavailable,
     check_actor_file,
+    next_alarm_of_file,
     raise_log_epoch,
     read_log_epoch,
     relpath_to_key,
@@ -624,7 +625,7 @@ def _check_and_place(staged: str, path: str, key: str) -> tuple[str, float | Non
     problem = check_actor_file(staged, key, quick=True)
     if problem:
         return problem, None
-    at = _next_alarm(staged)
+    at = next_alarm_of_file(staged)
     with open(staged, "rb+") as f:
         os.fsync(f.fileno())
     for suffix in ("-wal", "-shm"):
@@ -634,17 +635,6 @@ def _check_and_place(staged: str, path: str, key: str) -> tuple[str, float | Non
     sync_directory(os.path.dirname(path))
     sync_directory(os.path.dirname(os.path.dirname(path)))
     return "", at
-
-
-def _next_alarm(path: str) -> float | None:
-    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        if not conn.table_exists("main", "_shardlite_alarms"):
-            return None
-        at = conn.execute("SELECT min(at) FROM _shardlite_alarms").fetchall()[0][0]
-        return None if at is None else float(at)
-    finally:
-        conn.close()
 
 
 def _note_alarms(directory: str, alarms: dict[str, float | None]) -> None:

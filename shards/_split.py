@@ -22,7 +22,6 @@ import logging
 import os
 from typing import Any
 
-import apsw
 import msgspec
 import trio
 
@@ -30,6 +29,7 @@ from shardlite.actor import (
     AlarmIndex,
     BadRequest,
     Unavailable,
+    next_alarm_of_file,
     raise_log_epoch,
     read_log_epoch,
     resolve_actor_path,
@@ -204,27 +204,11 @@ def move_files(
         os.rename(old, new)
         sync_directory(os.path.dirname(new))
         sync_directory(os.path.dirname(old))
-        alarms[key] = _next_alarm(new)
+        alarms[key] = next_alarm_of_file(new)
     sync_directory(target)
     if keys:
         _move_alarm_entries(source, target, alarms)
     return len(keys)
-
-
-def _next_alarm(path: str) -> float | None:
-    try:
-        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.Error:
-        return None
-    try:
-        if not conn.table_exists("main", "_shardlite_alarms"):
-            return None
-        at = conn.execute("SELECT min(at) FROM _shardlite_alarms").fetchall()[0][0]
-        return None if at is None else float(at)
-    except apsw.Error:
-        return None
-    finally:
-        conn.close()
 
 
 def _move_alarm_entries(source: str, target: str, alarms: dict[str, float | None]) -> None:
