@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import urllib.parse
 from collections import OrderedDict
 from typing import Any
 
@@ -59,10 +60,15 @@ def integrity_problems(conn: apsw.Connection, *, quick: bool = False) -> str:
     return "" if rows == ["ok"] else "; ".join(rows)
 
 
+def _open_immutable(path: str) -> apsw.Connection:
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
+    return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
 def next_alarm_of_file(path: str) -> float | None:
-    """The time of the next alarm an actor file holds (None: none, or unreadable)."""
+    """The time of the next alarm a closed actor file holds (None: none, or unreadable)."""
     try:
-        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        conn = _open_immutable(path)
     except apsw.Error:
         return None
     try:
@@ -77,9 +83,11 @@ def next_alarm_of_file(path: str) -> float | None:
 
 
 def check_actor_file(path: str, key: str, *, quick: bool = False) -> str:
-    """'' if ``path`` is a sound actor file of ``key``, else why not. Blocking."""
+    """'' if ``path`` is a sound actor file of ``key``, else why not. Blocking. The file
+    must be a copy nobody writes (a backup, a move's copy): it is opened immutable, which
+    also leaves no -wal/-shm beside it."""
     try:
-        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        conn = _open_immutable(path)
     except apsw.Error as exc:
         return f"cannot open: {exc}"
     try:

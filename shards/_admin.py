@@ -639,8 +639,10 @@ def _check_and_place(staged: str, path: str, key: str) -> tuple[str, float | Non
 
 def _note_alarms(directory: str, alarms: dict[str, float | None]) -> None:
     """The copied files' next alarms into the shard's alarm index (synced)."""
-    if not alarms:
-        return
+    if all(at is None for at in alarms.values()) and not os.path.exists(
+        os.path.join(directory, "alarms.db")
+    ):
+        return  # no alarms, and no index that could hold stale ones
     index = _AlarmIndex(directory, full_sync=True)
     try:
         for key, at in alarms.items():

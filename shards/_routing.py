@@ -403,12 +403,13 @@ def _du(directory: str) -> tuple[int, int]:
     """(actor files, bytes of everything) under a shard directory."""
     files = size = 0
     for root, _, names in os.walk(directory):
+        in_fanout = os.path.dirname(root) == directory  # SHARD/xx/: actor files only
         for name in names:
             try:
                 size += os.stat(os.path.join(root, name)).st_size
             except FileNotFoundError:
                 continue
-            files += name.endswith(".db")
+            files += in_fanout and name.endswith(".db")
     return files, size
 
 

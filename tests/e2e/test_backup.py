@@ -55,6 +55,7 @@ def test_backup_and_restore_round_trip(filled: Any, tmp_path: Path) -> None:
     refused = ops(data, "restore", "shard-00", "--from", str(backup), check=False)
     assert refused.returncode == 1 and "--replace" in refused.stderr  # not an empty shard
     ops(data, "restore", "shard-00", "--from", str(backup), "--replace")
+    assert not list(backup.rglob("*-wal")) + list(backup.rglob("*-shm"))  # checked, untouched
     for key in KEYS:
         assert rows(filled.rpc_url, key) == [[key]]
     with shardlite.connect(filled.rpc_url) as client:  # restored actors take writes

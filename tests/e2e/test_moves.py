@@ -177,6 +177,7 @@ def test_a_move_under_write_load_loses_nothing(hosts: Hosts) -> None:
         assert values(hosts.servers["host-b"].rpc_url, key) == [-1, -2, -3]
     # the files live on host-b now; host-a keeps its old copy aside (retired)
     assert list((hosts.tmp / "host-b" / "shards" / "shard-00").rglob("*.db"))
+    assert not list((hosts.tmp / "host-b" / "shards").rglob("*.pull*"))  # no leftovers
     assert not (hosts.tmp / "host-a" / "shards" / "shard-00").exists()
     assert list((hosts.tmp / "host-a" / "retired").iterdir())
     print(
@@ -435,3 +436,30 @@ def test_the_new_owners_log_positions_are_above_the_copied_files(hosts: Hosts) -
     b = hosts.start("host-b")
     for key in keys:
         assert values(b.rpc_url, key) == [-1, -2, -3, -1]
+
+
+def test_a_target_killed_after_the_flip_serves_its_copy_when_it_restarts(hosts: Hosts) -> None:
+    a = hosts.servers["host-a"]
+    moving = keys_of(0, 4)
+    fill(a.rpc_url, moving)
+    hosts.ops(
+        "move", "shard-00", "--to", "host-b", env={"SHARDLITE_CRASH_AT": "flipped"}, check=False
+    )
+    hosts.servers["host-b"].kill()
+    b = hosts.start("host-b")  # owns shard-00 now: its copy was durable before the flip
+    hosts.ops("move", "shard-00", "--resume")
+    assert hosts.owner("shard-00") == ("host-b/0", 2)
+    for key in moving:
+        assert values(b.rpc_url, key) == [-1, -2, -3]
+
+
+def test_a_backup_restored_into_the_wrong_shard_is_refused(hosts: Hosts) -> None:
+    a = hosts.servers["host-a"]
+    keys = keys_of(0, 3)
+    fill(a.rpc_url, keys)
+    out = json.loads(
+        hosts.ops("backup", "shard-00", "--to", str(hosts.tmp / "bk"), "--json").stdout
+    )
+    refused = hosts.ops("restore", "shard-01", "--from", out["path"], check=False)
+    assert refused.returncode == 1 and "belongs to shard-00" in refused.stderr, refused.stderr
+    assert values(a.rpc_url, keys[0]) == [-1, -2, -3]
