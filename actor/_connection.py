@@ -6,7 +6,7 @@ import os
 
 import apsw
 
-from ._config import ActorConfig
+from ._config import ACTOR_VFS, ActorConfig
 from ._errors import Internal, NotFound
 from ._idempotency import IDEM_DDL
 from ._sandbox import Authorizer, harden, internal_sql
@@ -50,10 +50,7 @@ def open_actor_db(
     if not exists:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     flags = _OPEN_FLAGS | (apsw.SQLITE_OPEN_CREATE if create else 0)
-    if config.vfs:
-        conn = apsw.Connection(path, flags=flags, vfs=config.vfs)
-    else:
-        conn = apsw.Connection(path, flags=flags)
+    conn = apsw.Connection(path, flags=flags, vfs=config.vfs or ACTOR_VFS)
     try:
         conn.pragma("locking_mode", "exclusive")
         # a new file: the header change is synced under the default synchronous=FULL

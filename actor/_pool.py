@@ -591,9 +591,17 @@ class ActorPool(HandoffMixin):
                 await trio.lowlevel.checkpoint()
 
     async def _run_reaper(self) -> None:
+        """Passivate under pressure: once more than half of ``max_open_actors`` are open,
+        close the ones idle past ``idle_timeout`` (below that, an open file costs two
+        descriptors and its page cache, and closing it would cost two syncs now and a
+        reopen on its next request)."""
         interval = min(self.config.idle_timeout_s / 2, REAP_INTERVAL_MAX_S)
         while True:
             await trio.sleep(interval)
+            if self._open - self._closing <= self.config.max_open_actors // 2:
+                for actor in [a for a in self._actors.values() if a.state is State.CLOSED]:
+                    self._forget(actor)
+                continue
             cutoff = trio.current_time() - self.config.idle_timeout_s
             for actor in list(self._actors.values()):
                 if actor.last_used > cutoff:

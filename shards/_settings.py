@@ -186,7 +186,8 @@ SETTINGS: tuple[Setting, ...] = (
         "idle_timeout",
         defaults.DEFAULT_IDLE_TIMEOUT_S,
         "duration",
-        "An actor idle this long is checkpointed and closed (passivated).",
+        "An actor idle this long is checkpointed and closed (passivated), once more than "
+        "half of --max-open-actors are open.",
     ),
     Setting(
         "max_db_bytes",

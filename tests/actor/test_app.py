@@ -333,7 +333,7 @@ async def test_alarms_fire_retry_and_survive_restarts(
 
 
 async def test_alarm_wakes_a_closed_actor(tmp_path: Path) -> None:
-    config = ActorConfig(idle_timeout_s=0.2, call_timeout_s=2.0)
+    config = ActorConfig(idle_timeout_s=0.2, call_timeout_s=2.0, max_open_actors=1)
     async with open_actor_pool(config, str(tmp_path), app=APP) as pool:
         await call(pool, "alarm-3", "arm", "wake", 3.0)
 

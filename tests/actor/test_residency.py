@@ -44,7 +44,7 @@ def autojump_clock() -> trio.testing.MockClock:
 async def test_idle_actor_is_passivated_and_reopens_with_its_data(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    config = ActorConfig(idle_timeout_s=60.0)
+    config = ActorConfig(idle_timeout_s=60.0, max_open_actors=1)  # under pressure
     async with open_actor_pool(config, str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
         await pool.call("k", Sql("INSERT INTO t VALUES ('kept')"))
@@ -59,6 +59,21 @@ async def test_idle_actor_is_passivated_and_reopens_with_its_data(
         assert not Path(str(path) + "-wal").exists()
         assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [("kept",)]
         assert pool.statistics()["opened"] == 2
+
+
+async def test_idle_actors_stay_open_while_there_is_room(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = ActorConfig(idle_timeout_s=60.0, max_open_actors=4)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        for key in ("a", "b"):  # half the cap: no pressure
+            await pool.call(key, Sql("CREATE TABLE t(v)"))
+        await trio.sleep(600)
+        assert pool.statistics()["actors_open"] == 2
+        for key in ("c", "d"):  # more than half: the idle ones are passivated
+            await pool.call(key, Sql("CREATE TABLE t(v)"))
+        await trio.sleep(120)
+        await wait_until(lambda: pool.statistics()["actors_open"] <= 2)
 
 
 async def test_open_actors_stay_under_the_lru_cap(tmp_path: Path) -> None:
