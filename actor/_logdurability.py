@@ -45,6 +45,8 @@ SHIP_MAX_BYTES = 64 << 20
 """Records kept for a shard being moved before its written keys are copied whole instead."""
 SYNCFS_MIN = 16
 """From this many actor files to sync, the checkpointer calls syncfs(2) once instead."""
+SYNCFS_EVERY_S = 2.0
+"""With many files to sync, the checkpointer runs (one syncfs) at least this often."""
 SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
 
@@ -124,6 +126,7 @@ class LogDurability:
     def __init__(self, config: ActorConfig, sync: Callable[[Actor], None] = sync_wal) -> None:
         self.config = config
         self._sync = sync  # the fault-injection seam of the power-cut tests
+        self._syncfs_mode = sync is sync_wal and HAVE_SYNCFS
         self.shards: dict[str, _Shard] = {}
         self.on_released: Callable[[Actor], None] = lambda actor: None
         self._nursery: trio.Nursery | None = None
@@ -390,7 +393,12 @@ class LogDurability:
         last = trio.current_time()
         while True:
             await trio.sleep(poll)
-            due = trio.current_time() - last >= self.config.log_checkpoint_interval_s
+            since = trio.current_time() - last
+            due = since >= self.config.log_checkpoint_interval_s
+            if self._syncfs_mode and len(shard.unsynced) >= SYNCFS_MIN:
+                # often: each syncfs then flushes a couple of seconds of writes, not 30 s
+                # of them at once (which held the log's own flush back for 100s of ms)
+                due = due or since >= SYNCFS_EVERY_S
             if not due and shard.log.size_bytes() < self.config.log_trim_bytes:
                 continue
             last = trio.current_time()
@@ -399,7 +407,7 @@ class LogDurability:
     async def checkpoint_shard(self, shard: _Shard) -> None:
         """fsync every actor file with logged writes, then trim the log below them."""
         targets = [a for a in shard.unsynced if a.conn is not None and not a.busy]
-        if len(targets) >= SYNCFS_MIN and self._sync is sync_wal and HAVE_SYNCFS:
+        if len(targets) >= SYNCFS_MIN and self._syncfs_mode:
             # one syncfs instead of thousands of fdatasyncs: the disk does 1.5-3k flushes
             # a second, and the log's own flush must get most of them
             marks = [(a, a.last_lsn) for a in targets]
