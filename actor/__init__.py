@@ -33,7 +33,13 @@ from ._errors import (
     WrongShard,
     error_from_dict,
 )
-from ._handoff import check_actor_file, next_alarm_of_file, sha256_file, shard_of_path
+from ._handoff import (
+    check_actor_file,
+    next_alarm_of_file,
+    remove_actor_files,
+    sha256_file,
+    shard_of_path,
+)
 from ._keys import (
     MAX_KEY_BYTES,
     key_hash,
@@ -152,6 +158,7 @@ __all__ = [
     "raise_log_epoch",
     "read_log_epoch",
     "relpath_to_key",
+    "remove_actor_files",
     "replay_file",
     "resolve_actor_path",
     "sha256_file",

@@ -16,8 +16,9 @@ ACTOR_VFS = "unix-none"
 connection (the actor's, ``locking_mode=EXCLUSIVE``) and one process serves a data
 directory (``DATA/.lock``), so the locks would guard nothing; and the default ``unix``
 VFS keeps every locked file in one linked list that each open walks: at 10,000 open
-actors that made a reopen cost milliseconds (measured: a uniform 10,000-key load went
-from 2.6k to 4.4k inserts/s with this VFS). The price: another program must never open
+actors that made a reopen cost milliseconds (py-spy: 40-60% of the loop in
+``apsw.Connection()``; docs/benchmarks.md "loadtest" has the 10,000-key suite). The
+price: another program must never open
 a live actor file (use ``shardlite shell`` or ``GET .../export``)."""
 DEFAULT_MAX_DB_BYTES = 1 << 30
 DEFAULT_MAX_VALUE_BYTES = 2 << 20

@@ -108,7 +108,7 @@ class _PerFileDurability:
         )
 
     async def detach_shard(self, directory: str) -> None:
-        pass
+        pass  # no log: each closed actor's file holds everything already
 
     def log_epoch(self, directory: str) -> int:
         return read_log_epoch(directory)
@@ -117,7 +117,7 @@ class _PerFileDurability:
         pass  # no records: every written key is copied whole
 
     def replaced(self, actor: Actor) -> None:
-        pass
+        pass  # no records kept (see ship_records)
 
     def take_records(
         self, directory: str, keys: list[str]

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import urllib.parse
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import apsw
@@ -63,6 +64,20 @@ def integrity_problems(conn: apsw.Connection, *, quick: bool = False) -> str:
 def _open_immutable(path: str) -> apsw.Connection:
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?immutable=1"
     return apsw.Connection(uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+
+
+def remove_actor_files(path: str) -> bool:
+    """Delete an actor's file, WAL and shm, durably; whether the file existed. Blocking."""
+    existed = False
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+            existed = existed or suffix == ""
+        except FileNotFoundError:
+            pass  # not there: nothing to delete
+    if existed:
+        sync_directory(os.path.dirname(path))
+    return existed
 
 
 def next_alarm_of_file(path: str) -> float | None:
@@ -119,15 +134,10 @@ class HandoffMixin:
     _open: int
     _closing: int
 
-    # the pool's own methods (ActorPool overrides these)
-    async def call(self, key: str, op: Any) -> Any:
-        raise NotImplementedError
-
-    async def _close(self, actor: Actor) -> None:
-        raise NotImplementedError
-
-    def _forget(self, actor: Actor) -> None:
-        raise NotImplementedError
+    # the pool's own methods this uses
+    call: Callable[..., Awaitable[Any]]
+    _close: Callable[[Actor], Awaitable[None]]
+    _forget: Callable[[Actor], None]
 
     # ------------------------------------------------------------------ write tracking
 
@@ -330,6 +340,7 @@ __all__ = [
     "check_actor_file",
     "copy_to",
     "next_alarm_of_file",
+    "remove_actor_files",
     "sha256_file",
     "shard_of_path",
 ]

@@ -25,13 +25,13 @@ from typing import Any
 import apsw
 import trio
 
-from ._actor import Actor, Call, Exclusive, Sink, State, sync_directory
+from ._actor import Actor, Call, Exclusive, Sink, State
 from ._app import App
 from ._appruntime import DELIVERED, AppRuntime
 from ._config import ActorConfig
 from ._durability import DurabilityPolicy, make_durability
 from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
-from ._handoff import HandoffMixin, copy_to
+from ._handoff import HandoffMixin, copy_to, remove_actor_files
 from ._keys import resolve_actor_path, validate_key
 from ._logdurability import LogDurability
 from ._ops import Deleted, ExportResult, Inline, Op
@@ -512,19 +512,7 @@ class ActorPool(HandoffMixin):
             await trio.to_thread.run_sync(actor.checkpoint_blocking)
             actor.close()
 
-        def unlink() -> bool:
-            existed = False
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    os.unlink(actor.path + suffix)
-                    existed = existed or suffix == ""
-                except FileNotFoundError:
-                    pass
-            if existed:
-                sync_directory(os.path.dirname(actor.path))
-            return existed
-
-        existed = await trio.to_thread.run_sync(unlink)
+        existed = await trio.to_thread.run_sync(remove_actor_files, actor.path)
         if actor.written is not None:
             actor.written.add(actor.key)
             self.durability.replaced(actor)

@@ -33,7 +33,6 @@ import time
 import uuid
 from typing import Any
 
-import apsw
 import msgspec
 import trio
 
@@ -41,22 +40,28 @@ from shardlite.actor import (
     ActorPool,
     BadRequest,
     NotFound,
-    Record,
     Unavailable,
     check_actor_file,
-    next_alarm_of_file,
     raise_log_epoch,
-    read_log_epoch,
-    relpath_to_key,
-    replay_file,
+    remove_actor_files,
     resolve_actor_path,
     sha256_file,
     sync_directory,
 )
-from shardlite.actor import AlarmIndex as _AlarmIndex
 from shardlite.router import DirectoryUnavailable, ForwardWaiter, wire
 
 from ._routing import Node, ShardFence, shard_dir
+from ._shardfiles import (
+    RETIRED_DIR,
+    append,
+    apply_records,
+    check_and_place,
+    list_actor_keys,
+    note_alarms,
+    read_at,
+    wipe_shard,
+    write_new,
+)
 
 log = logging.getLogger("shardlite.admin")
 
@@ -73,7 +78,6 @@ FENCE_MAX_S = 15.0
 """A fence the move does not resolve within this is given up by the source."""
 DETACH_DELAY_S = 0.5
 TMP_DIR = "tmp"
-RETIRED_DIR = "retired"
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -137,7 +141,7 @@ class Admin:
             return wire.SnapshotInfo(False, "", 0, "", b"")
         path, size, digest = copy
         first = min(op.first, size)
-        data = await trio.to_thread.run_sync(_read_at, path, 0, first)
+        data = await trio.to_thread.run_sync(read_at, path, 0, first)
         if first >= size:
             os.unlink(path)
             return wire.SnapshotInfo(True, "", size, digest, data)
@@ -151,7 +155,7 @@ class Admin:
             raise NotFound(f"no snapshot {op.id!r} (expired or read to the end)")
         path, size, _ = entry
         length = max(0, min(op.length, CHUNK_BYTES, size - op.offset))
-        data = await trio.to_thread.run_sync(_read_at, path, op.offset, length)
+        data = await trio.to_thread.run_sync(read_at, path, op.offset, length)
         if op.offset + length >= size:
             del self.snapshots[op.id]
             os.unlink(path)
@@ -310,13 +314,13 @@ class Admin:
         try:
             if op.fresh:
                 await self._unready(op.shard)
-                await trio.to_thread.run_sync(_wipe_shard, directory, op.log_epoch)
+                await trio.to_thread.run_sync(wipe_shard, directory, op.log_epoch)
             else:
                 await trio.to_thread.run_sync(raise_log_epoch, directory, op.log_epoch)
             pulled = wire.Pulled(0, 0, 0, {})
             alarms: dict[str, float | None] = {}
             await self._pull_many(op.source, directory, op.keys, pulled, alarms)
-            await trio.to_thread.run_sync(_note_alarms, directory, alarms)
+            await trio.to_thread.run_sync(note_alarms, directory, alarms)
             return pulled
         finally:
             self.pulling.discard(op.shard)
@@ -337,7 +341,7 @@ class Admin:
             await self._pull_many(
                 op.source, directory, sorted({*written.whole, *failed}), pulled, alarms
             )
-            await trio.to_thread.run_sync(_note_alarms, directory, alarms)
+            await trio.to_thread.run_sync(note_alarms, directory, alarms)
             if op.ready and op.shard not in self.ready:
                 await self.pool.durability.attach_shard(directory)
                 self.ready.add(op.shard)
@@ -396,13 +400,13 @@ class Admin:
         path = resolve_actor_path(directory, key)
         info = await self._ask(source, wire.Snapshot(key, FIRST_CHUNK_BYTES))
         if not info.exists:  # deleted since it was listed: so is its copy
-            removed = await trio.to_thread.run_sync(_remove_actor_file, path)
-            pulled.removed += removed
+            removed = await trio.to_thread.run_sync(remove_actor_files, path)
+            pulled.removed += int(removed)
             alarms[key] = None
             return
         staged = path + ".pull"
         digest = hashlib.sha256(info.data)
-        await trio.to_thread.run_sync(_write_new, staged, info.data)
+        await trio.to_thread.run_sync(write_new, staged, info.data)
         offset = len(info.data)
         try:
             while offset < info.size:
@@ -410,11 +414,11 @@ class Admin:
                 if not chunk.data:
                     raise Unavailable(f"the copy of {key!r} ended early at {offset} bytes")
                 digest.update(chunk.data)
-                await trio.to_thread.run_sync(_append, staged, chunk.data)
+                await trio.to_thread.run_sync(append, staged, chunk.data)
                 offset += len(chunk.data)
             if digest.hexdigest() != info.sha256:
                 raise Unavailable(f"the copy of {key!r} does not match its checksum")
-            problem, at = await trio.to_thread.run_sync(_check_and_place, staged, path, key)
+            problem, at = await trio.to_thread.run_sync(check_and_place, staged, path, key)
             if problem:
                 raise Unavailable(f"the copy of {key!r} is damaged: {problem}")
         except BaseException:
@@ -442,7 +446,7 @@ class Admin:
             raise BadRequest(f"{op.shard} is in use here; not deleting it")
         directory = shard_dir(self.data, op.shard)
         await self._unready(op.shard)
-        existed = await trio.to_thread.run_sync(_wipe_shard, directory, 0)
+        existed = await trio.to_thread.run_sync(wipe_shard, directory, 0)
         return wire.Done(int(existed))
 
     async def _unready(self, shard: str) -> None:
@@ -470,12 +474,12 @@ class Admin:
 
         def write() -> int:
             if op.offset == 0:
-                _write_new(path, op.data)
+                write_new(path, op.data)
             else:
                 size = os.path.getsize(path)
                 if size != op.offset:
                     raise BadRequest(f"upload {op.id}: at {size} bytes, not {op.offset}")
-                _append(path, op.data)
+                append(path, op.data)
             return op.offset + len(op.data)
 
         try:
@@ -515,166 +519,4 @@ class Admin:
         return os.path.join(self.tmp, f"upload-{upload_id}.db")
 
 
-async def delete_retired(data: str, keep_s: float) -> None:
-    """Every so often, delete retired shard copies older than ``keep_s``."""
-    retired = os.path.join(data, RETIRED_DIR)
-    while True:
-        await trio.to_thread.run_sync(_delete_older, retired, keep_s)
-        await trio.sleep(min(600.0, max(1.0, keep_s / 4)))
-
-
-def _delete_older(directory: str, keep_s: float) -> None:
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return
-    cutoff = time.time() - keep_s
-    for name in names:
-        path = os.path.join(directory, name)
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_mtime < cutoff:
-                shutil.rmtree(path, ignore_errors=True)
-                log.info("deleted the retired copy %s", path)
-
-
-# ---------------------------------------------------------------------- blocking helpers
-
-
-def list_actor_keys(directory: str, open_keys: dict[str, str]) -> list[str]:
-    """The key of every actor file under a shard directory (from its name, or from the
-    key stored inside when the name is a hash)."""
-    keys = []
-    try:
-        fanouts = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return []
-    for fanout in fanouts:
-        sub = os.path.join(directory, fanout)
-        if len(fanout) != 2 or not os.path.isdir(sub):
-            continue
-        for name in sorted(os.listdir(sub)):
-            if not name.endswith(".db"):
-                continue
-            path = os.path.join(sub, name)
-            key = relpath_to_key(f"{fanout}/{name}")
-            if key is None:
-                key = open_keys.get(path) or _key_inside(path)
-            if key is not None:
-                keys.append(key)
-    return keys
-
-
-def _key_inside(path: str) -> str | None:
-    try:
-        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
-    except apsw.Error:
-        return None
-    try:
-        rows = conn.execute("SELECT value FROM _shardlite_meta WHERE name = 'key'").fetchall()
-        return str(rows[0][0]) if rows else None
-    except apsw.Error:
-        return None
-    finally:
-        conn.close()
-
-
-def apply_records(
-    directory: str,
-    records: dict[str, list[tuple[int, bytes]]],
-    config: Any,
-    alarms: dict[str, float | None],
-) -> list[str]:
-    """Replay shipped records into the copies (those above the position each holds);
-    the keys that could not be brought up to date so (no copy yet, or a record that
-    does not apply): the caller copies those whole. Blocking."""
-    failed = []
-    for key, kept in records.items():
-        path = resolve_actor_path(directory, key)
-        if not os.path.exists(path):
-            failed.append(key)
-            continue
-        try:
-            replay_file(
-                path, key, [Record(lsn, key, payload) for lsn, payload in kept], config, alarms
-            )
-        except Exception as exc:  # apsw.Error, ReplayError, a damaged copy
-            log.warning("records of %r do not apply to its copy (%s): copying it whole", key, exc)
-            failed.append(key)
-    return failed
-
-
-def _read_at(path: str, offset: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(length)
-
-
-def _write_new(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _append(path: str, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-
-
-def _check_and_place(staged: str, path: str, key: str) -> tuple[str, float | None]:
-    """quick_check the copy and the key inside, then make it the actor's file, durably."""
-    problem = check_actor_file(staged, key, quick=True)
-    if problem:
-        return problem, None
-    at = next_alarm_of_file(staged)
-    with open(staged, "rb+") as f:
-        os.fsync(f.fileno())
-    for suffix in ("-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + suffix)
-    os.replace(staged, path)
-    sync_directory(os.path.dirname(path))
-    sync_directory(os.path.dirname(os.path.dirname(path)))
-    return "", at
-
-
-def _note_alarms(directory: str, alarms: dict[str, float | None]) -> None:
-    """The copied files' next alarms into the shard's alarm index (synced)."""
-    if all(at is None for at in alarms.values()) and not os.path.exists(
-        os.path.join(directory, "alarms.db")
-    ):
-        return  # no alarms, and no index that could hold stale ones
-    index = _AlarmIndex(directory, full_sync=True)
-    try:
-        for key, at in alarms.items():
-            index.put(key, at)
-        index.sync()
-    finally:
-        index.close()
-
-
-def _remove_actor_file(path: str) -> int:
-    existed = 0
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.unlink(path + suffix)
-            existed += suffix == ""
-        except FileNotFoundError:
-            pass
-    if existed:
-        sync_directory(os.path.dirname(path))
-    return existed
-
-
-def _wipe_shard(directory: str, log_epoch: int) -> bool:
-    """Delete a copy of a shard (keeping its log epoch, so LSNs keep growing here)."""
-    epoch = max(read_log_epoch(directory), log_epoch)
-    existed = os.path.isdir(directory)
-    shutil.rmtree(directory, ignore_errors=True)
-    if existed:
-        sync_directory(os.path.dirname(directory))
-    if log_epoch:
-        raise_log_epoch(directory, epoch)
-    return existed
-
-
-__all__ = ["Admin", "delete_retired", "list_actor_keys"]
+__all__ = ["Admin"]

@@ -73,6 +73,16 @@ class Metrics:
             registry=r,
         ).labels(apsw.sqlite_lib_version(), apsw.apsw_version()).set(1)
 
+    def watch_held(self, held: Callable[[], int]) -> None:
+        """Export how many requests wait behind a shard's fence (a move's cutover) or a
+        directory read, at scrape time."""
+        Gauge(
+            "shardlite_requests_held",
+            "Requests held by a shard's fence (a move's cutover) or waiting for the "
+            "directory to be read.",
+            registry=self.registry,
+        ).set_function(held)
+
     def watch_pool(self, pool: ActorPool) -> None:
         """Export the pool's statistics() at scrape time."""
         self.registry.register(_PoolCollector(pool.statistics))

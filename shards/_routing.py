@@ -205,8 +205,13 @@ class Node:
                 log.warning("%s: gave up the fence of an interrupted move", shard_id)
                 return True
         except DirectoryUnavailable:
-            pass
+            pass  # cannot tell: do not serve yet (the next placement read tries again)
         return False  # the move went on: the next placement says where the shard is
+
+    def held(self) -> int:
+        """Requests held now (fences of moves, waits for the directory)."""
+        fences = (*self.fences.values(), *self.refreshing.values())
+        return sum(len(f.held) for f in fences)
 
     def lift(self, shard_id: str, go: bool = True) -> None:
         """Stop holding ``shard_id``'s requests; they run (or fail, ``go`` False)."""

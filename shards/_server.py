@@ -39,7 +39,7 @@ from shardlite.router import (
     open_lease,
 )
 
-from ._admin import Admin, delete_retired
+from ._admin import Admin
 from ._auth import (
     PEER,
     PEER_TTL_S,
@@ -56,6 +56,7 @@ from ._metrics import Metrics
 from ._routing import Node
 from ._rpc import serve_rpc
 from ._settings import Settings
+from ._shardfiles import delete_retired
 
 log = logging.getLogger("shardlite.server")
 
@@ -220,6 +221,7 @@ async def _serve(
                         attach=pool.attach_shard,
                     )
                     holder.append(node)
+                    metrics.watch_held(node.held)
                     node.admin = admin = Admin(pool, node, data, background)
                     node.detach = admin.detach
                     node.prepare = admin.prepare

@@ -26,7 +26,6 @@ import msgspec
 import trio
 
 from shardlite.actor import (
-    AlarmIndex,
     BadRequest,
     Unavailable,
     next_alarm_of_file,
@@ -38,6 +37,7 @@ from shardlite.actor import (
 from shardlite.router import Placement, ShardRecord, slot_of, wire
 
 from ._routing import Node, ShardFence, shard_dir
+from ._shardfiles import list_actor_keys, note_alarms
 
 log = logging.getLogger("shardlite.split")
 
@@ -185,7 +185,6 @@ def move_files(
 ) -> int:
     """Rename every actor file of ``source`` whose key's slot is in ``ranges`` into
     ``target`` (idempotent); carry the log epoch and alarm index entries. Blocking."""
-    from ._admin import list_actor_keys
 
     def inside(key: str) -> bool:
         slot = slot_of(key, slots)
@@ -213,22 +212,9 @@ def move_files(
 
 def _move_alarm_entries(source: str, target: str, alarms: dict[str, float | None]) -> None:
     moving = {k: at for k, at in alarms.items() if at is not None}
-    if not moving:
-        return
-    new = AlarmIndex(target, full_sync=True)
-    try:
-        for key, at in moving.items():
-            new.put(key, at)
-        new.sync()
-    finally:
-        new.close()
-    old = AlarmIndex(source, full_sync=True)
-    try:
-        for key in moving:
-            old.put(key, None)
-        old.sync()
-    finally:
-        old.close()
+    if moving:
+        note_alarms(target, moving)
+        note_alarms(source, dict.fromkeys(moving))  # None: no longer in this shard's index
 
 
 __all__ = ["finish_splits", "halves", "move_files", "split"]

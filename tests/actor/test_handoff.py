@@ -29,7 +29,7 @@ from shardlite.actor import (
     open_actor_pool,
     resolve_actor_path,
 )
-from shardlite.shards._admin import apply_records, list_actor_keys
+from shardlite.shards._shardfiles import apply_records, list_actor_keys
 
 KEYS = ("k0", "k1", "k2")
 CONFIG = ActorConfig()

@@ -375,3 +375,25 @@ async def test_a_failed_log_write_fails_its_replies_and_the_log_goes_on(
     async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         rows = (await pool.call("k", Sql("SELECT v FROM t ORDER BY v"))).rows
         assert (2,) in rows  # acknowledged; 1 may or may not be there
+
+
+async def test_many_files_are_made_durable_with_one_syncfs_and_the_log_trimmed(
+    tmp_path: Path,
+) -> None:
+    """The default sync path: 16 files or more to sync take one syncfs(2), after which
+    none is left unsynced and the log is trimmed below all of them."""
+    config = ActorConfig(log_segment_bytes=16 * 1024, log_checkpoint_interval_s=3600)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        durability = pool.durability
+        assert isinstance(durability, LogDurability)
+        keys = [f"many-{i}" for i in range(40)]
+        for key in keys:
+            await pool.call(key, Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT)"))
+        for n in range(400):
+            await pool.call(keys[n % len(keys)], Sql("INSERT INTO t VALUES (?, ?)", [n, "x" * 100]))
+        shard = durability.shards[str(tmp_path)]
+        assert len(shard.unsynced) == len(keys) and len(shard.log.segments) > 1
+        await durability.checkpoint_shard(shard)
+        stats = durability.statistics()
+        assert stats["syncfs_calls"] == 1 and stats["unsynced_actors"] == 0
+        assert stats["trimmed_segments"] > 0 and len(shard.log.segments) == 1

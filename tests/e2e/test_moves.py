@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import shardlite
@@ -306,8 +307,11 @@ def test_a_fenced_shard_holds_requests_and_releases_them_in_order(hosts: Hosts) 
     threads = [threading.Thread(target=write, args=(n,)) for n in (1, 2, 3)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
-    assert not done  # held while fenced
+    deadline = time.monotonic() + 10
+    while "shardlite_requests_held 3.0" not in httpx.get(a.http_url + "/metrics").text:
+        assert time.monotonic() < deadline, "the fenced shard did not hold the requests"
+        time.sleep(0.02)
+    assert not done  # held while fenced (as /metrics says)
     rpc_call(source, [9, "", ["unfence", "shard-00"]])  # what --abort does first
     for t in threads:
         t.join(10)
