@@ -1,0 +1,511 @@
+"""Running tenant SQL in an actor: the group-commit batch, each call, each statement.
+
+The pool runs :meth:`StatementRunner.run_batch` on the event-loop thread with no
+``await`` inside. A batch is one transaction: every call in it runs (a multi-statement
+call inside its own SAVEPOINT), the batch commits once, and the replies go to the
+durability policy, which releases them when the commit is durable (the output gate).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import apsw
+
+from . import _idempotency as idempotency
+from ._calls import Call, Exclusive, deliver
+from ._capture import RowCapture
+from ._config import ActorConfig
+from ._errors import BadRequest, Error, Forbidden, Internal, TooLarge, no_class_error
+from ._kvstore import apply_kv
+from ._ops import (
+    Batch,
+    BatchResult,
+    KvDelete,
+    KvGet,
+    KvList,
+    KvPut,
+    Op,
+    Params,
+    Result,
+    Sql,
+    SqlResult,
+)
+from ._sandbox import Authorizer, internal_sql
+from ._sqlerrors import map_error as _map_error
+
+if TYPE_CHECKING:
+    from ._actor import Actor
+    from ._durability import DurabilityPolicy
+
+log = logging.getLogger("shardlite.actor")
+
+PROGRESS_STEPS = 1000
+"""VM instructions between two looks at the clock while a statement runs."""
+
+_FETCH_CHUNK = 256
+_SCHEMA_SQL_MAX = 1024
+_clock = time.monotonic
+_NO_DEADLINE = float("inf")
+# Transaction control is internal SQL too: a tenant's "COMMIT" must never hit our cached
+# statement, which SQLite would run without asking the authorizer again.
+_BEGIN = internal_sql("BEGIN")
+_COMMIT = internal_sql("COMMIT")
+_ROLLBACK = internal_sql("ROLLBACK")
+_SAVEPOINT = internal_sql("SAVEPOINT call")
+_RELEASE = internal_sql("RELEASE call")
+_ROLLBACK_TO = internal_sql("ROLLBACK TO call")
+_KV_OPS = frozenset((KvGet, KvPut, KvDelete, KvList))
+_ONE_STATEMENT = frozenset((Sql, *_KV_OPS))
+"""Operations that run one statement: they need no savepoint of their own."""
+
+
+class _TxnLost(Exception):
+    """SQLite rolled back the whole transaction (interrupt, disk full, ...)."""
+
+    def __init__(self, error: Error) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class StatementRunner:
+    """The part of :class:`Actor` that runs tenant SQL: hooks, batches, calls, statements.
+
+    A mixin: :class:`~shardlite.actor._actor.Actor` owns the connection and the state
+    declared below; this class owns the per-statement bookkeeping (``init_runner``).
+    """
+
+    # owned by Actor
+    key: str
+    config: ActorConfig
+    durability: DurabilityPolicy
+    mailbox: deque[Call]
+    conn: apsw.Connection | None
+    _auth: Authorizer | None
+    _cursor: apsw.Cursor | None
+    capture: RowCapture | None
+    runtime: Any
+    app: Any
+    app_ready: bool
+    written: set[str] | None
+    broken: bool
+    batches: int
+    calls: int
+    wal_pages: int
+    schema_changed: bool
+    alarms_dirty: bool
+
+    def reload_tables(self) -> None: ...
+
+    def init_runner(self) -> None:
+        self._me = cast("Actor", self)  # what the durability policy is handed
+        self._deadline = _NO_DEADLINE
+        self._stmt_count = 0
+        self._single = True  # the running call allows one statement only
+        self._call_wrote = False  # the running call has started a write
+        self._readonly = False  # the running call may not write (a read-only token)
+        self._refused_write = False  # _exec_trace stopped a write of a read-only call
+        self._description: tuple[tuple[str, str | None], ...] = ()
+        self._wrote = False
+        self._schema_sql: dict[str, None] = {}  # texts of statements that change the schema
+        self._idem_count = 0
+
+    # ------------------------------------------------------------------ SQLite hooks
+
+    def _progress(self) -> bool:
+        return _clock() > self._deadline
+
+    def _wal_hook(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
+        self._wrote = True
+        self.wal_pages = pages
+        return apsw.SQLITE_OK
+
+    def _exec_trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
+        # Called after a tenant statement is prepared and before it runs: the one place
+        # where the column names of a query that returns no rows can still be read, and
+        # where we learn that the call writes (then a failure of the call must undo its
+        # writes, which SQLite does not always do: OR FAIL, RAISE(FAIL), a RETURNING
+        # write whose rows cannot be sent). Keep it lean: it runs for every call.
+        if cursor.has_vdbe:  # not just whitespace or comments
+            self._stmt_count += 1
+            if self._stmt_count > 1 and self._single:
+                return False
+            if not cursor.is_readonly:
+                if self._readonly:
+                    self._refused_write = True
+                    return False
+                self._call_wrote = True
+                auth = self._auth
+                if auth is not None and auth.schema_op:  # noted when it was prepared
+                    auth.schema_op = False
+                    self._note_schema_sql(sql)
+                if sql in self._schema_sql:  # a cached statement is not prepared again
+                    self.schema_changed = True
+            self._description = cursor.get_description()
+        return True
+
+    def _note_schema_sql(self, sql: str) -> None:
+        # bounded, and larger than apsw's statement cache (100): every cached statement
+        # that changes the schema is still remembered when it runs again
+        schema_sql = self._schema_sql
+        schema_sql[sql] = None
+        if len(schema_sql) > _SCHEMA_SQL_MAX:
+            del schema_sql[next(iter(schema_sql))]
+
+    def _internal(self, sql: str) -> None:
+        """Run one of shardlite's own row-less statements (trusted by the authorizer).
+
+        Trusted on every run, not only the first: SQLite prepares a cached statement
+        again after a schema change, and asks the authorizer again then.
+        """
+        auth = self._auth
+        assert self.conn is not None and auth is not None
+        auth.trusted = True
+        self._deadline = _NO_DEADLINE  # the budget is the tenant's, not ours
+        try:
+            self.conn.execute(sql)
+        finally:
+            auth.trusted = False
+
+    # ------------------------------------------------------------------ the batch
+
+    def run_batch(self) -> None:
+        """Run calls from the mailbox as one transaction (group commit).
+
+        At most ``max_batch`` calls, stopping before an :class:`Exclusive` entry (the
+        pool runs that one on its own) and once the batch has run for a statement
+        budget: calls left over go back to the front of the mailbox, so one tenant's
+        slow calls hold the event loop for a bounded time.
+        """
+        mailbox = self.mailbox
+        calls: list[Call] = []
+        limit = self.config.max_batch
+        while mailbox and len(calls) < limit and type(mailbox[0].op) is not Exclusive:
+            calls.append(mailbox.popleft())
+        if not calls:
+            return
+        self.batches += 1
+        if self.app is not None and not self.app_ready:
+            error = self.runtime.prepare(self)  # the instance; migrations in a transaction
+            if error is not None:
+                deliver(calls, [error] * len(calls))
+                return
+        try:
+            results = self._run_transaction(calls)
+        except Exception as exc:  # a bug: fail this batch, reset the actor, keep the shard up
+            log.exception("actor %r: unexpected failure in a batch", self.key)
+            if self.conn is not None and not self.conn.get_autocommit():
+                self._rollback()
+            results = [Internal(f"unexpected failure: {type(exc).__name__}")] * len(calls)
+            self.broken = True
+        if len(results) < len(calls):
+            mailbox.extendleft(reversed(calls[len(results) :]))
+            del calls[len(results) :]
+        self.calls += len(calls)
+        self._report_commit(calls, results)
+        if self.alarms_dirty:
+            self.runtime.alarms_changed(self)  # inline, right after COMMIT (see _alarms.py)
+        self._after_schema_change()
+
+    def _commit(self) -> None:
+        self.durability.before_commit(self._me)  # durability=log: the batch's LSN and record
+        self._internal(_COMMIT)
+
+    def run_own_transaction(self, fn: Callable[[], None]) -> Error | None:
+        """Run ``fn`` (a migration) in a transaction of its own, committed through the
+        durability policy like a batch without replies; its error, if it failed."""
+        conn = self.conn
+        assert conn is not None
+        self._readonly = False
+        self._internal(_BEGIN)
+        try:
+            fn()
+            self._commit()
+        except (Error, apsw.Error) as exc:
+            if not conn.get_autocommit():
+                self._rollback()
+            else:
+                self.durability.rolled_back(self._me)
+            self.schema_changed = False
+            self.alarms_dirty = False
+            return exc if isinstance(exc, Error) else _map_error(exc, self._auth)
+        self._report_commit([], [])
+        self._after_schema_change()
+        return None
+
+    def begin_exclusive(self) -> None:
+        """Open the transaction of an exclusive call (an async method)."""
+        self.batches += 1
+        self._readonly = False
+        self._internal(_BEGIN)
+
+    def finish_exclusive(
+        self, calls: list[Call], results: list[Result | Error], *, commit: bool
+    ) -> None:
+        """Commit (or roll back) an exclusive call's transaction; its replies go through
+        the durability policy like a batch's."""
+        conn = self.conn
+        assert conn is not None
+        self.calls += len(calls)
+        if commit and not conn.get_autocommit():
+            try:
+                self._commit()
+            except apsw.Error as exc:
+                results = [_map_error(exc, self._auth)] * len(calls)
+                commit = False
+        if not commit:
+            if not conn.get_autocommit():
+                self._rollback()
+            else:
+                self.durability.rolled_back(self._me)
+            self.alarms_dirty = False
+        self._report_commit(calls, results)
+        self._after_schema_change()
+
+    def _report_commit(self, calls: list[Call], results: list[Result | Error]) -> None:
+        wrote, self._wrote = self._wrote, False
+        if wrote and self.written is not None:
+            self.written.add(self.key)  # a shard move re-copies this file
+        self.durability.committed(self._me, calls, results, wrote)
+
+    def _after_schema_change(self) -> None:
+        if self.schema_changed:
+            self.schema_changed = False
+            if self.capture is not None and not self.broken:
+                self.reload_tables()  # the batch may have made or dropped tables
+
+    def _rollback(self) -> None:
+        self._internal(_ROLLBACK)
+        self.durability.rolled_back(self._me)
+
+    def _run_transaction(self, calls: list[Call]) -> list[Result | Error]:
+        """Run ``calls`` in order; return the results of the leading calls that ran.
+
+        If SQLite rolls back the whole transaction (an interrupted write, a full disk),
+        the failing call keeps its error and the calls that had succeeded in that
+        transaction run again, then commit on their own: each call runs at most twice.
+        """
+        conn = self.conn
+        assert conn is not None
+        results: list[Result | Error] = []
+        todo = deque(range(len(calls)))
+        in_txn: list[int] = []  # calls whose writes the open transaction holds
+        redo = 0  # calls to run again before anything new
+        stop_at = _clock() + self.config.statement_timeout_s
+        self._internal(_BEGIN)
+        try:
+            while todo:
+                i = todo.popleft()
+                try:
+                    result = self._run_call(calls[i])
+                except _TxnLost as lost:
+                    result = lost.error
+                    self.durability.rolled_back(self._me)
+                    todo.extendleft(reversed(in_txn))
+                    redo, in_txn = len(in_txn), []
+                    self._internal(_BEGIN)
+                else:
+                    in_txn.append(i)
+                    if redo:
+                        redo -= 1
+                        if redo == 0:  # the redone calls commit alone: never redone twice
+                            self._commit()
+                            in_txn = []
+                            self._internal(_BEGIN)
+                if i < len(results):
+                    results[i] = result
+                else:
+                    results.append(result)
+                if not redo and todo and _clock() > stop_at:
+                    break
+            self._commit()
+        except apsw.Error as exc:
+            # COMMIT failed (disk full, I/O error): the calls of that transaction are lost
+            if not conn.get_autocommit():
+                self._rollback()
+            else:
+                self.durability.rolled_back(self._me)
+            err = _map_error(exc, self._auth)
+            for i in in_txn:
+                results[i] = err
+        return results
+
+    def _run_call(self, call: Call) -> Result | Error:
+        """Run one call inside the batch's transaction; its failure undoes only its writes.
+
+        A Batch operation runs in a savepoint. A single statement needs none: on the
+        (rare) failure of a call that wrote, the transaction is rolled back and the other
+        calls run again (_TxnLost), which costs less than a savepoint around every write.
+        """
+        conn = self.conn
+        assert conn is not None
+        op: Op = call.op  # type: ignore[assignment]
+        self._single = single = type(op) in _ONE_STATEMENT
+        self._call_wrote = False
+        self._readonly = call.readonly
+        if not single:
+            self._internal(_SAVEPOINT)
+        try:
+            if call.idem is not None:
+                done = self._idem_lookup(call.idem, op)
+                if done is not None:
+                    result = done
+                else:
+                    result = self._apply(op)
+                    self._idem_record(call.idem, op, result)
+            else:
+                result = self._apply(op)
+        except apsw.Error as exc:
+            err: Error = _map_error(exc, self._auth)
+        except Error as exc:
+            err = exc
+        except (KeyError, TypeError, OverflowError, ValueError) as exc:
+            err = BadRequest(f"bad parameters: {_describe(exc)}")
+        else:
+            if not single:
+                self._internal(_RELEASE)
+            return result
+        self._reset_cursor()
+        if conn.get_autocommit():  # SQLite rolled back the whole transaction
+            raise _TxnLost(err)
+        if not single:
+            self._internal(_ROLLBACK_TO)
+            self._internal(_RELEASE)
+        elif self._call_wrote:
+            self._internal(_ROLLBACK)  # _run_transaction tells the durability policy
+            raise _TxnLost(err)
+        return err
+
+    def _idem_lookup(self, key: str, op: Op) -> Result | None:
+        idempotency.check_key(key)
+        auth = self._auth
+        assert self.conn is not None and auth is not None
+        auth.trusted = True
+        self._deadline = _NO_DEADLINE
+        try:
+            return idempotency.lookup(self.conn, key, op)
+        finally:
+            auth.trusted = False
+
+    def _idem_record(self, key: str, op: Op, result: Result) -> None:
+        auth = self._auth
+        assert self.conn is not None and auth is not None
+        auth.trusted = True
+        self._deadline = _NO_DEADLINE
+        self._idem_count += 1
+        try:
+            idempotency.record(
+                self.conn, key, op, result, ttl_s=self.config.idempotency_ttl_s, n=self._idem_count
+            )
+        finally:
+            auth.trusted = False
+
+    def _reset_cursor(self) -> None:
+        """A fresh cursor: a statement that failed mid-way must not stay in progress."""
+        assert self.conn is not None
+        if self._cursor is not None:
+            self._cursor.close(True)
+        cursor = self.conn.cursor()
+        cursor.exec_trace = self._exec_trace
+        self._cursor = cursor
+
+    def _apply(self, op: Op) -> Result:
+        if type(op) is Sql:
+            return self._exec_sql(op.sql, op.params)
+        if type(op) is Batch:
+            if not op.statements:
+                raise BadRequest("batch has no statements")
+            results = []
+            for i, stmt in enumerate(op.statements):
+                try:
+                    results.append(self._exec_sql(stmt.sql, stmt.params))
+                except Error as exc:
+                    exc.message = f"statement {i}: {exc.message}"
+                    exc.details["index"] = i
+                    raise
+                except apsw.Error as exc:
+                    err = _map_error(exc, self._auth)
+                    err.message = f"statement {i}: {err.message}"
+                    err.details["index"] = i
+                    raise err from None
+            return BatchResult(results)
+        if type(op) in _KV_OPS:
+            return self._apply_kv(op)
+        if self.runtime is None:
+            raise no_class_error(self.key, op)
+        return self.runtime.apply(self, op)  # type: ignore[no-any-return]
+
+    def _exec_sql(self, sql: str, params: Params) -> SqlResult:
+        conn = self.conn
+        cursor = self._cursor
+        assert conn is not None and cursor is not None
+        self._stmt_count = 0
+        self._deadline = _clock() + self.config.statement_timeout_s
+        before = conn.total_changes()
+        try:
+            cursor.execute(sql, params if params is not None else ())
+            rows = _fetch(cursor, self.config.max_result_bytes)
+        except apsw.ExecTraceAbort:
+            if self._refused_write:
+                self._refused_write = False
+                raise Forbidden(
+                    "the token is read-only and this statement writes (or changes the schema)"
+                ) from None
+            raise BadRequest(
+                "sql holds more than one statement; send one per request, or use a batch"
+            ) from None
+        except UnicodeDecodeError as exc:
+            raise BadRequest(
+                f"a text value in the result is not valid UTF-8 ({exc.reason})"
+            ) from None
+        if self._stmt_count == 0:
+            raise BadRequest("sql is empty: it holds no statement")
+        description = self._description
+        return SqlResult(
+            [d[0] for d in description] if description else [],
+            rows,
+            conn.changes() if conn.total_changes() != before else 0,
+            conn.last_insert_rowid(),
+        )
+
+    def _apply_kv(self, op: Op) -> Result:
+        conn, auth = self.conn, self._auth
+        assert conn is not None and auth is not None
+        self._deadline = _NO_DEADLINE
+        return apply_kv(conn, auth, op, self.config.max_value_bytes)
+
+
+def _fetch(cursor: apsw.Cursor, limit: int) -> list[tuple[Any, ...]]:
+    """All rows of the running statement, stopping as soon as they pass ``limit`` bytes."""
+    rows = list(itertools.islice(cursor, _FETCH_CHUNK))
+    size = _size(rows)
+    while size <= limit and len(rows) % _FETCH_CHUNK == 0:
+        chunk = list(itertools.islice(cursor, _FETCH_CHUNK))
+        if not chunk:
+            break
+        size += _size(chunk)
+        rows += chunk
+    if size > limit:
+        raise TooLarge(
+            f"the result is larger than {limit} bytes; select fewer rows (LIMIT/OFFSET) or columns"
+        )
+    return rows
+
+
+def _size(rows: list[tuple[Any, ...]]) -> int:
+    size = 0
+    for row in rows:
+        for v in row:
+            size += len(v) if isinstance(v, (str, bytes)) else 9
+    return size
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"no value for named parameter {exc.args[0]!r}"
+    return str(exc)
