@@ -21,7 +21,15 @@ from . import _idempotency as idempotency
 from ._calls import Call, Exclusive, deliver
 from ._capture import RowCapture
 from ._config import ActorConfig
-from ._errors import BadRequest, Error, Forbidden, Internal, TooLarge, no_class_error
+from ._errors import (
+    BadRequest,
+    Error,
+    Forbidden,
+    Internal,
+    QuotaExceeded,
+    TooLarge,
+    no_class_error,
+)
 from ._kvstore import apply_kv
 from ._ops import (
     Batch,
@@ -47,6 +55,8 @@ log = logging.getLogger("shardlite.actor")
 
 PROGRESS_STEPS = 1000
 """VM instructions between two looks at the clock while a statement runs."""
+SLOW_PROGRESS_STEPS = 20_000
+"""The same in the slow lane: each look takes the GIL from the event loop's thread."""
 
 _FETCH_CHUNK = 256
 _SCHEMA_SQL_MAX = 1024
@@ -63,6 +73,10 @@ _ROLLBACK_TO = internal_sql("ROLLBACK TO call")
 _KV_OPS = frozenset((KvGet, KvPut, KvDelete, KvList))
 _ONE_STATEMENT = frozenset((Sql, *_KV_OPS))
 """Operations that run one statement: they need no savepoint of their own."""
+
+
+class _Preempted(Exception):
+    """A read-only statement ran past the inline slice: it goes to the slow lane."""
 
 
 class _TxnLost(Exception):
@@ -114,11 +128,36 @@ class StatementRunner:
         self._wrote = False
         self._schema_sql: dict[str, None] = {}  # texts of statements that change the schema
         self._idem_count = 0
+        # the slow lane: a read-only call still running after config.inline_slice_s on
+        # the event loop is stopped there and run again in a worker thread (pool.py)
+        self._preemptible = False  # the running statement may be stopped for that
+        self._slice_end = _NO_DEADLINE
+        self._preempt = False  # _progress stopped the statement for the slow lane
+        self.preempted: Call | None = None  # the call (head of the mailbox) to run there
+        self.in_slow_lane = False
+        # temporary storage (sorts, materialized subqueries: temp_store=memory) of the
+        # running statement, as the growth of SQLite's heap since it started
+        self._mem_start = 0
+        self._temp_exceeded = False
 
     # ------------------------------------------------------------------ SQLite hooks
 
     def _progress(self) -> bool:
-        return _clock() > self._deadline
+        deadline = self._deadline
+        if deadline == _NO_DEADLINE:
+            return False  # shardlite's own statement
+        now = _clock()
+        if now > deadline:
+            return True
+        if self._preemptible and now > self._slice_end:
+            self._preempt = True
+            return True
+        # One statement runs at a time on the loop, one more in the slow lane: the heap's
+        # growth is this statement's, give or take the other's (see actor/DESIGN.md).
+        if apsw.memory_used() - self._mem_start > self.config.max_temp_bytes:
+            self._temp_exceeded = True
+            return True
+        return False
 
     def _wal_hook(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
         self._wrote = True
@@ -136,7 +175,8 @@ class StatementRunner:
             if self._stmt_count > 1 and self._single:
                 return False
             if not cursor.is_readonly:
-                if self._readonly:
+                self._preemptible = False
+                if self._readonly or self.in_slow_lane:
                     self._refused_write = True
                     return False
                 self._call_wrote = True
@@ -211,6 +251,31 @@ class StatementRunner:
         if self.alarms_dirty:
             self.runtime.alarms_changed(self)  # inline, right after COMMIT (see _alarms.py)
         self._after_schema_change()
+
+    def run_slow(self, call: Call) -> Result | Error:
+        """Run a preempted read-only call to its end. Blocking: the pool's slow lane runs
+        it in a worker thread (SQLite releases the GIL while it steps).
+
+        No transaction (a read needs none), nothing to commit; :meth:`finish_slow`, back
+        on the event loop, sends the reply through the output gate.
+        """
+        conn = self.conn
+        assert conn is not None
+        self.in_slow_lane = True
+        conn.set_progress_handler(self._progress, SLOW_PROGRESS_STEPS)
+        try:
+            return self._run_call(call, False)
+        except _TxnLost as lost:  # in autocommit mode every failure looks like one
+            return lost.error
+        finally:
+            conn.set_progress_handler(self._progress, PROGRESS_STEPS)
+            self.in_slow_lane = False
+
+    def finish_slow(self, call: Call, result: Result | Error) -> None:
+        """The slow lane's call is done: its reply goes out once earlier writes are durable."""
+        self.batches += 1
+        self.calls += 1
+        self._report_commit([call], [result])
 
     def _commit(self) -> None:
         self.durability.before_commit(self._me)  # durability=log: the batch's LSN and record
@@ -297,12 +362,25 @@ class StatementRunner:
         in_txn: list[int] = []  # calls whose writes the open transaction holds
         redo = 0  # calls to run again before anything new
         stop_at = _clock() + self.config.statement_timeout_s
+        preempt = self.config.inline_slice_s > 0
         self._internal(_BEGIN)
         try:
             while todo:
                 i = todo.popleft()
                 try:
-                    result = self._run_call(calls[i])
+                    result = self._run_call(calls[i], preempt and not redo)
+                except _Preempted:
+                    if not conn.get_autocommit():
+                        self.preempted = calls[i]  # the pool runs it in the slow lane
+                        break
+                    # (not expected of a read) SQLite rolled the transaction back: run
+                    # its calls again, then this one, inline to its end
+                    self.durability.rolled_back(self._me)
+                    todo.appendleft(i)
+                    todo.extendleft(reversed(in_txn))
+                    redo, in_txn, preempt = len(in_txn), [], False
+                    self._internal(_BEGIN)
+                    continue
                 except _TxnLost as lost:
                     result = lost.error
                     self.durability.rolled_back(self._me)
@@ -335,7 +413,7 @@ class StatementRunner:
                 results[i] = err
         return results
 
-    def _run_call(self, call: Call) -> Result | Error:
+    def _run_call(self, call: Call, preempt: bool) -> Result | Error:
         """Run one call inside the batch's transaction; its failure undoes only its writes.
 
         A Batch operation runs in a savepoint. A single statement needs none: on the
@@ -348,6 +426,8 @@ class StatementRunner:
         self._single = single = type(op) in _ONE_STATEMENT
         self._call_wrote = False
         self._readonly = call.readonly
+        # a lone read may leave the loop for the slow lane: nothing of it is written yet
+        self._preemptible = preempt and type(op) is Sql and call.idem is None
         if not single:
             self._internal(_SAVEPOINT)
         try:
@@ -445,11 +525,28 @@ class StatementRunner:
         cursor = self._cursor
         assert conn is not None and cursor is not None
         self._stmt_count = 0
-        self._deadline = _clock() + self.config.statement_timeout_s
+        config = self.config
+        now = _clock()
+        self._deadline = now + config.statement_timeout_s
+        self._slice_end = now + config.inline_slice_s
+        self._mem_start = apsw.memory_used()
+        self._preempt = self._temp_exceeded = False
         before = conn.total_changes()
         try:
             cursor.execute(sql, params if params is not None else ())
-            rows = _fetch(cursor, self.config.max_result_bytes)
+            rows = _fetch(cursor, config.max_result_bytes)
+        except apsw.InterruptError:
+            if self._preempt:
+                self._reset_cursor()
+                raise _Preempted from None
+            if self._temp_exceeded:
+                raise QuotaExceeded(
+                    "the statement's temporary storage (sorting, grouping, subqueries) "
+                    f"passed {config.max_temp_bytes} bytes and it was stopped; nothing "
+                    "was written. An index that matches the ORDER BY or GROUP BY avoids "
+                    "the sort"
+                ) from None
+            raise
         except apsw.ExecTraceAbort:
             if self._refused_write:
                 self._refused_write = False
@@ -463,6 +560,8 @@ class StatementRunner:
             raise BadRequest(
                 f"a text value in the result is not valid UTF-8 ({exc.reason})"
             ) from None
+        finally:
+            self._preemptible = False  # one statement per preemptible call
         if self._stmt_count == 0:
             raise BadRequest("sql is empty: it holds no statement")
         description = self._description

@@ -7,6 +7,8 @@ import enum
 import msgspec
 
 DEFAULT_STATEMENT_TIMEOUT_S = 0.5
+DEFAULT_INLINE_SLICE_S = 0.01
+DEFAULT_MAX_TEMP_BYTES = 256 << 20
 DEFAULT_MAILBOX_SIZE = 1024
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_OPEN_ACTORS = 10_000
@@ -50,6 +52,11 @@ class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     durability: Durability = Durability.LOG
     statement_timeout_s: float = DEFAULT_STATEMENT_TIMEOUT_S
+    inline_slice_s: float = DEFAULT_INLINE_SLICE_S
+    """A read-only statement still running after this long on the event loop moves to
+    the slow lane (a worker thread); 0: never (reads hold the loop up to their budget)."""
+    max_temp_bytes: int = DEFAULT_MAX_TEMP_BYTES
+    """Temporary storage (sorts, subqueries; in memory) one statement may use."""
     mailbox_size: int = DEFAULT_MAILBOX_SIZE
     max_batch: int = DEFAULT_MAX_BATCH
     max_open_actors: int = DEFAULT_MAX_OPEN_ACTORS

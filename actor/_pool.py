@@ -48,6 +48,9 @@ HOG_BATCH_S = 0.02
 HOG_PAUSE_FACTOR = 4.0
 """... for this many times as long: a tenant whose statements run to their time budget
 gets at most a fifth of the loop, and everyone else's requests keep flowing."""
+SLOW_LANE_THREADS = 1
+"""Worker threads per process running read-only calls that outran the inline slice: long
+queries wait for each other there, not the event loop's other tenants."""
 CREATE_THREADS = 4
 """Actor files created (which syncs their header) concurrently in worker threads."""
 CLOSE_THREADS = 2
@@ -114,6 +117,7 @@ class ActorPool(HandoffMixin):
         self._closing = 0
         self._open_limiter = trio.CapacityLimiter(CREATE_THREADS)
         self._close_limiter = trio.CapacityLimiter(CLOSE_THREADS)
+        self._slow_limiter = trio.CapacityLimiter(SLOW_LANE_THREADS)
         self.closing = False
         self.runtime: AppRuntime | None = None
         if app is not None:
@@ -128,6 +132,7 @@ class ActorPool(HandoffMixin):
         self.checkpoints = 0
         self.overloaded = 0
         self.hog_pauses = 0
+        self.slow_calls = 0
         self.batches = 0
         self.calls = 0
 
@@ -224,6 +229,11 @@ class ActorPool(HandoffMixin):
                 # thread hop costs as much, and each opening thread grows a malloc arena)
                 if not self._open_inline(actor):
                     continue
+            if actor.preempted is not None:
+                if actor.mailbox[0] is actor.preempted:
+                    self._start_slow(actor)
+                    continue
+                actor.preempted = None
             before = actor.calls
             started = _clock()
             actor.run_batch()
@@ -455,6 +465,22 @@ class ActorPool(HandoffMixin):
         elif actor.state is State.CLOSED:
             self._forget(actor)
 
+    # ------------------------------------------------------------------ the slow lane
+
+    def _start_slow(self, actor: Actor) -> None:
+        call = actor.mailbox.popleft()
+        actor.preempted = None
+        actor.state = State.BUSY
+        self.slow_calls += 1
+        self._spawn(self._run_slow, actor, call)
+
+    async def _run_slow(self, actor: Actor, call: Call) -> None:
+        with trio.CancelScope(shield=True):  # bounded by the statement budget
+            result = await trio.to_thread.run_sync(actor.run_slow, call, limiter=self._slow_limiter)
+        actor.state = State.OPEN
+        actor.finish_slow(call, result)
+        self._after_busy(actor)
+
     # ------------------------------------------------------------------ exclusive calls
 
     def _start_exclusive(self, actor: Actor) -> None:
@@ -642,6 +668,7 @@ class ActorPool(HandoffMixin):
             "checkpoints": self.checkpoints,
             "overloaded": self.overloaded,
             "hog_pauses": self.hog_pauses,
+            "slow_calls": self.slow_calls,
             "batches": self.batches,
             "calls": self.calls,
             "durability": self.durability.statistics(),

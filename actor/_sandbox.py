@@ -218,7 +218,9 @@ def harden(conn: apsw.Connection, config: ActorConfig) -> Authorizer:
     conn.drop_modules(list(VTAB_MODULES))
     conn.pragma("cell_size_check", True)
     conn.pragma("mmap_size", 0)
-    conn.pragma("temp_store", "file")
+    # temporary storage in memory, where _progress measures it (--max-temp-bytes): a
+    # temp file would grow on the disk, bounded by nothing per tenant
+    conn.pragma("temp_store", "memory")
     # not stored in the file: set on every open (and denied to tenants)
     page_size = int(conn.pragma("page_size"))
     conn.pragma("max_page_count", max(config.max_db_bytes // page_size, 16))

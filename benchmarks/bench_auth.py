@@ -204,9 +204,11 @@ def _report(
         "rounds alternating the servers; median [min–max]. Over HTTP every request carries "
         "the token (verified once, then cached); over RPC it is sent once per connection. "
         "The noisy tenant runs 4 runaway queries at a time (each stopped by the 0.5 s "
-        "statement budget) and 8 tasks of `SELECT 1` on the same shard process; a batch "
-        "that holds the loop over 20 ms pauses its actor for 4× as long, which is what keeps "
-        "the victim's latency bounded."
+        "statement budget) and 8 tasks of `SELECT 1` on the same shard process. Each runaway "
+        "read is stopped on the event loop after `--inline-slice` (10 ms) and run again in "
+        "the slow lane (one worker thread per process), so the victim waits at most one "
+        "slice for it; a batch that still holds the loop over 20 ms (a long write) pauses "
+        "its actor for 4× as long."
     )
     console = [f"{r[0]:5} {r[1]:18} {r[2]:>24} reads/s" for r in rows] + [
         f"victim {r[0]:26} p99 {r[3]} ms" for r in vrows

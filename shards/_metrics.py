@@ -127,6 +127,12 @@ class _PoolCollector(Collector):
             s["hog_pauses"],
         )
         yield CounterMetricFamily(
+            "shardlite_actor_slow_calls",
+            "Read-only calls moved off the event loop to the slow lane (they outran "
+            "--inline-slice).",
+            s["slow_calls"],
+        )
+        yield CounterMetricFamily(
             "shardlite_actor_calls", "Calls run inside transactions.", s["calls"]
         )
         dur = s["durability"]

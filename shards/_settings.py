@@ -165,6 +165,21 @@ SETTINGS: tuple[Setting, ...] = (
         "Time budget of one SQL statement; past it the statement is interrupted (504 timeout).",
     ),
     Setting(
+        "inline_slice",
+        defaults.DEFAULT_INLINE_SLICE_S,
+        "duration",
+        "A read-only statement still running after this long on a shard's event loop is "
+        "stopped and run again in the slow lane (one worker thread per process), so a long "
+        "query does not hold other tenants' requests. 0: never.",
+    ),
+    Setting(
+        "max_temp_bytes",
+        defaults.DEFAULT_MAX_TEMP_BYTES,
+        "size",
+        "Temporary storage one statement may use for sorts, grouping and subqueries (held "
+        "in memory); past it the statement stops (507 quota_exceeded).",
+    ),
+    Setting(
         "mailbox_size",
         defaults.DEFAULT_MAILBOX_SIZE,
         "int",
@@ -340,6 +355,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     call_timeout: float = defaults.DEFAULT_CALL_TIMEOUT_S
     durability: str = Durability.LOG.value
     statement_timeout: float = defaults.DEFAULT_STATEMENT_TIMEOUT_S
+    inline_slice: float = defaults.DEFAULT_INLINE_SLICE_S
+    max_temp_bytes: int = defaults.DEFAULT_MAX_TEMP_BYTES
     mailbox_size: int = defaults.DEFAULT_MAILBOX_SIZE
     max_batch: int = defaults.DEFAULT_MAX_BATCH
     max_open_actors: int = defaults.DEFAULT_MAX_OPEN_ACTORS
@@ -372,6 +389,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return ActorConfig(
             durability=Durability(self.durability),
             statement_timeout_s=self.statement_timeout,
+            inline_slice_s=self.inline_slice,
+            max_temp_bytes=self.max_temp_bytes,
             mailbox_size=self.mailbox_size,
             max_batch=self.max_batch,
             max_open_actors=max_open_actors or self.max_open_actors,

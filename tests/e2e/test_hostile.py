@@ -143,3 +143,33 @@ async def test_noisy_neighbour_does_not_stop_a_victim(start_server: Any) -> None
             stop.set()
         rows = await client.actor("victim").sql("SELECT count(*) FROM t")
     assert victim_ok == 40 and rows.rows == [(40,)]
+
+
+def test_a_huge_sort_is_stopped_at_the_temp_bound_and_nothing_else_changes(
+    start_server: Any,
+) -> None:
+    server = start_server("--procs", "1", "--max-temp-bytes", "8MiB", "--inline-slice", "5ms")
+    sort = (
+        "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r LIMIT 50000) "
+        "SELECT count(*) FROM (SELECT randomblob(1000) AS b FROM r ORDER BY b)"
+    )
+    with shardlite.connect(server.rpc_url) as client:
+        client.actor("other").sql("CREATE TABLE t (a)")
+        client.actor("other").sql("INSERT INTO t VALUES (1)")
+    r = httpx.post(f"{server.http_url}/v1/actors/greedy/sql", json={"sql": sort}, timeout=30)
+    assert r.status_code == 507, r.text
+    error = r.json()["error"]
+    assert error["code"] == "quota_exceeded" and "temporary storage" in error["message"]
+    small = sort.replace("50000", "1000")
+    r = httpx.post(f"{server.http_url}/v1/actors/greedy/sql", json={"sql": small}, timeout=30)
+    assert r.status_code == 200 and r.json()["rows"] == [[1000]]
+    with shardlite.connect(server.rpc_url) as client:
+        assert client.actor("other").sql("SELECT a FROM t").rows == [(1,)]
+        long_read = (  # about 0.3 s: past the 5 ms slice, into the slow lane
+            "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r LIMIT 1500000) "
+            "SELECT count(*) FROM r"
+        )
+        assert client.actor("greedy").sql(long_read).rows == [(1500000,)]
+    metrics = httpx.get(f"{server.http_url}/metrics", timeout=10).text
+    slow = [line for line in metrics.splitlines() if line.startswith("shardlite_actor_slow_calls")]
+    assert slow and float(slow[0].split()[-1]) >= 1, slow
