@@ -81,9 +81,20 @@ class ServerInfo(msgspec.Struct, frozen=True):
     auth: bool = False
 
 
-def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit."""
+def raise_fd_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE towards ``wanted`` descriptors; return the new soft limit.
+
+    The soft limit goes up to the hard one. If that is still short of ``wanted``, the hard
+    limit is raised too when the process may (root or CAP_SYS_RESOURCE, as Redis does
+    for ``maxclients``); otherwise the pool opens fewer actors (see the caller).
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (OSError, ValueError):
+            pass  # not privileged, or past fs.nr_open: keep the hard limit
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
@@ -142,7 +153,9 @@ async def run_server(
     lock = lock_data_dir(data) if node_spec is None else -1
     try:
         host_id = resolve_host_id(data, settings.host_id)
-        fd_cap = max(16, (raise_fd_limit() - FDS_RESERVED) // FDS_PER_ACTOR[settings.durability])
+        per_actor = FDS_PER_ACTOR[settings.durability]
+        wanted = settings.max_open_actors * per_actor + FDS_RESERVED
+        fd_cap = max(16, (raise_fd_limit(wanted) - FDS_RESERVED) // per_actor)
         max_open = min(settings.max_open_actors, fd_cap)
         if max_open < settings.max_open_actors:
             log.warning("max_open_actors lowered to %d by the file-descriptor limit", max_open)
