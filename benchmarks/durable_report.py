@@ -102,13 +102,26 @@ def _targets(cases: list[Any], setup: Setup) -> tuple[str, list[str]]:
             [
                 f"`log` p99 < {P99_MS:g} ms, {MID:,} keys",
                 f"p99 {fmt(p99)} ms at {setup.conns}×{setup.window} outstanding{also}",
-                "**met**" if p99.median < P99_MS else "**not met**",
+                _p99_verdict(p99.median, extra, setup),
             ]
         )
     if not rows:
         return "", ["Targets: not measured in this run (they need 1,000 and 10,000 keys)."]
     table = md_table(["target (issue 3)", "measured (medians)", "verdict"], rows)
     return table, lines
+
+
+def _p99_verdict(main: float, extra: Any, setup: Setup) -> str:
+    """Met at the harness's full load, or only at fewer requests outstanding (the latency
+    a closed loop sees grows with what it keeps in flight: Little's law)."""
+    if main < P99_MS:
+        return "**met**"
+    if extra is not None and _col(extra, "p99_ms").median < P99_MS:
+        return (
+            f"**met** at {extra.conns}×{extra.window} outstanding (as many as PostgreSQL's "
+            f"64 clients); **not met** at {setup.conns}×{setup.window}"
+        )
+    return "**not met**"
 
 
 def _churn_note(cases: list[Any]) -> str:

@@ -17,7 +17,9 @@ import tempfile
 import time
 from typing import Any
 
-from shardlite.loadtest._postgres import PostgresServer, find, missing
+from shardlite.loadtest._postgres import CONF, PostgresServer, find, missing
+
+__all__ = ["CONF", "SCHEMA", "SCRIPT", "Cluster", "available", "find", "missing", "version"]
 
 from .common import LOAD_CPU, SERVER_CPU, percentile
 
