@@ -55,8 +55,6 @@ log = logging.getLogger("shardlite.actor")
 
 PROGRESS_STEPS = 1000
 """VM instructions between two looks at the clock while a statement runs."""
-SLOW_PROGRESS_STEPS = 20_000
-"""The same in the slow lane: each look takes the GIL from the event loop's thread."""
 
 _FETCH_CHUNK = 256
 _SCHEMA_SQL_MAX = 1024
@@ -143,18 +141,24 @@ class StatementRunner:
     # ------------------------------------------------------------------ SQLite hooks
 
     def _progress(self) -> bool:
-        deadline = self._deadline
-        if deadline == _NO_DEADLINE:
-            return False  # shardlite's own statement
-        now = _clock()
-        if now > deadline:
-            return True
-        if self._preemptible and now > self._slice_end:
+        if self._preemptible and _clock() > self._slice_end:
             self._preempt = True
             return True
-        # One statement runs at a time on the loop, one more in the slow lane: the heap's
-        # growth is this statement's, give or take the other's (see actor/DESIGN.md).
-        if apsw.memory_used() - self._mem_start > self.config.max_temp_bytes:
+        return self.over_budget()
+
+    def over_budget(self) -> bool:
+        """Whether the running tenant statement must stop: past its time budget, or its
+        temporary storage past ``max_temp_bytes`` (noted for the error). The progress
+        handler asks inline; in the slow lane the pool's watchdog asks from the loop."""
+        deadline = self._deadline
+        if deadline == _NO_DEADLINE:
+            return False  # no tenant statement runs (shardlite's own, or none)
+        if _clock() > deadline:
+            return True
+        # the growth of the process's SQLite heap since the statement started: a rough
+        # measure (others allocate and free meanwhile), see actor/DESIGN.md
+        limit = self.config.max_temp_bytes
+        if limit and apsw.memory_used() - self._mem_start > limit:
             self._temp_exceeded = True
             return True
         return False
@@ -262,7 +266,9 @@ class StatementRunner:
         conn = self.conn
         assert conn is not None
         self.in_slow_lane = True
-        conn.set_progress_handler(self._progress, SLOW_PROGRESS_STEPS)
+        # no progress handler: each call would take the GIL from the event loop's thread;
+        # the pool's watchdog checks over_budget() from the loop and interrupts instead
+        conn.set_progress_handler(None)
         try:
             return self._run_call(call, False)
         except _TxnLost as lost:  # in autocommit mode every failure looks like one
@@ -286,7 +292,7 @@ class StatementRunner:
         durability policy like a batch without replies; its error, if it failed."""
         conn = self.conn
         assert conn is not None
-        self._readonly = False
+        self._readonly = self._preemptible = False
         self._internal(_BEGIN)
         try:
             fn()
@@ -306,7 +312,7 @@ class StatementRunner:
     def begin_exclusive(self) -> None:
         """Open the transaction of an exclusive call (an async method)."""
         self.batches += 1
-        self._readonly = False
+        self._readonly = self._preemptible = False
         self._internal(_BEGIN)
 
     def finish_exclusive(
@@ -527,10 +533,10 @@ class StatementRunner:
         self._stmt_count = 0
         config = self.config
         now = _clock()
-        self._deadline = now + config.statement_timeout_s
+        self._mem_start = apsw.memory_used()  # before the deadline: see over_budget()
         self._slice_end = now + config.inline_slice_s
-        self._mem_start = apsw.memory_used()
         self._preempt = self._temp_exceeded = False
+        self._deadline = now + config.statement_timeout_s
         before = conn.total_changes()
         try:
             cursor.execute(sql, params if params is not None else ())
@@ -541,10 +547,11 @@ class StatementRunner:
                 raise _Preempted from None
             if self._temp_exceeded:
                 raise QuotaExceeded(
-                    "the statement's temporary storage (sorting, grouping, subqueries) "
-                    f"passed {config.max_temp_bytes} bytes and it was stopped; nothing "
-                    "was written. An index that matches the ORDER BY or GROUP BY avoids "
-                    "the sort"
+                    "the statement's temporary storage (sorts, grouping, subqueries, index "
+                    "builds, the undo journal of a large UPDATE or DELETE) passed "
+                    f"{config.max_temp_bytes} bytes (--max-temp-bytes) and it was stopped; "
+                    "nothing was written. An index matching the ORDER BY or GROUP BY "
+                    "avoids a sort; split large updates"
                 ) from None
             raise
         except apsw.ExecTraceAbort:
@@ -562,6 +569,7 @@ class StatementRunner:
             ) from None
         finally:
             self._preemptible = False  # one statement per preemptible call
+            self._deadline = _NO_DEADLINE  # a budget exists only while a statement runs
         if self._stmt_count == 0:
             raise BadRequest("sql is empty: it holds no statement")
         description = self._description

@@ -51,6 +51,8 @@ gets at most a fifth of the loop, and everyone else's requests keep flowing."""
 SLOW_LANE_THREADS = 1
 """Worker threads per process running read-only calls that outran the inline slice: long
 queries wait for each other there, not the event loop's other tenants."""
+SLOW_WATCH_S = 0.002
+"""How often the loop checks a slow-lane statement's time budget and temporary storage."""
 CREATE_THREADS = 4
 """Actor files created (which syncs their header) concurrently in worker threads."""
 CLOSE_THREADS = 2
@@ -475,11 +477,43 @@ class ActorPool(HandoffMixin):
         self._spawn(self._run_slow, actor, call)
 
     async def _run_slow(self, actor: Actor, call: Call) -> None:
+        result: Any
+        done = trio.Event()
+        started = _clock()
         with trio.CancelScope(shield=True):  # bounded by the statement budget
-            result = await trio.to_thread.run_sync(actor.run_slow, call, limiter=self._slow_limiter)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_slow, actor, done)
+                try:
+                    result = await trio.to_thread.run_sync(
+                        actor.run_slow, call, limiter=self._slow_limiter
+                    )
+                except Exception as exc:  # a bug (or MemoryError): fail the call, reopen
+                    log.exception("actor %r: unexpected failure in the slow lane", actor.key)
+                    result = Internal(f"unexpected failure: {type(exc).__name__}")
+                    actor.broken = True
+                finally:
+                    done.set()
         actor.state = State.OPEN
+        self.batches += 1
+        self.calls += 1
         actor.finish_slow(call, result)
+        if self._slow_limiter.statistics().tasks_waiting:
+            # others wait for the slow lane: this actor waits 4x as long as it held it
+            # (the hog pause's rule), so one tenant's runaway reads get a fifth of it
+            self._cool(actor, (_clock() - started) * HOG_PAUSE_FACTOR)
+        self._maybe_maintain(actor)
         self._after_busy(actor)
+
+    @staticmethod
+    async def _watch_slow(actor: Actor, done: trio.Event) -> None:
+        """Stop the slow lane's statement from the loop once it is over its budget (it
+        runs with no progress handler: each call of one would take the GIL)."""
+        while not done.is_set():
+            with trio.move_on_after(SLOW_WATCH_S):
+                await done.wait()
+            if not done.is_set() and actor.over_budget() and actor.conn is not None:
+                actor.conn.interrupt()  # sqlite3_interrupt: safe from another thread
+                return
 
     # ------------------------------------------------------------------ exclusive calls
 

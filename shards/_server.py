@@ -162,6 +162,9 @@ async def run_server(
         config = settings.actor_config(max_open_actors=max_open)
         if settings.max_memory:
             apsw.hard_heap_limit(settings.max_memory)
+            # past this, SQLite recycles cached pages before it allocates: caches shrink
+            # before a statement fails for want of memory
+            apsw.soft_heap_limit(settings.max_memory * 3 // 4)
         metrics = Metrics()
         index = node_spec.index if node_spec else 0
         async with open_directory(settings.directory, data) as directory:

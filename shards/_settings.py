@@ -133,7 +133,8 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         "size",
         "A hard cap on the SQLite heap of each shard process (all actors together); a "
-        "statement that needs more fails alone. 0: no cap.",
+        "statement that needs more fails alone (503 overloaded). Past three quarters of "
+        "it, cached pages are recycled first. 0: no cap.",
     ),
     Setting(
         "app",
@@ -176,8 +177,10 @@ SETTINGS: tuple[Setting, ...] = (
         "max_temp_bytes",
         defaults.DEFAULT_MAX_TEMP_BYTES,
         "size",
-        "Temporary storage one statement may use for sorts, grouping and subqueries (held "
-        "in memory); past it the statement stops (507 quota_exceeded).",
+        "Temporary storage one statement may use for sorts, grouping, subqueries, index "
+        "builds and the undo journal of large updates (held in memory, measured as heap "
+        "growth: a rough bound); past it the statement stops (507 quota_exceeded). 0: no "
+        "bound.",
     ),
     Setting(
         "mailbox_size",

@@ -136,3 +136,26 @@ async def test_temporary_storage_of_a_statement_is_bounded(tmp_path: Any, slice_
         assert (await pool.call("k", Sql(SMALL_SORT))).rows == [(500,)]
         rows = await pool.call("k", Sql("SELECT v FROM t ORDER BY rowid"))
         assert rows.rows == [("kept",), ("a",), ("b",)]
+
+
+async def test_the_slow_lane_stops_a_sort_past_the_temp_bound_and_keeps_no_budget(
+    tmp_path: Any,
+) -> None:
+    # a constant subquery burns time first (preempted with no memory used yet), then
+    # the sort fills memory in the slow lane, where the loop's watchdog stops it
+    late_sort = (
+        "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r LIMIT 20000) "
+        "SELECT count(*) FROM (SELECT randomblob(1000) AS b FROM r WHERE (SELECT count(*) "
+        "FROM (WITH RECURSIVE q(y) AS (SELECT 1 UNION ALL SELECT y + 1 FROM q LIMIT 300000) "
+        "SELECT y FROM q)) > 0 ORDER BY b)"
+    )
+    config = ActorConfig(max_temp_bytes=4 << 20, inline_slice_s=0.001, statement_timeout_s=5)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        with pytest.raises(QuotaExceeded):
+            await pool.call("k", Sql(late_sort))
+        assert pool.statistics()["slow_calls"] == 1
+        # no budget outlives its statement: a reopen's own queries must not be stopped
+        assert pool._actors["k"].over_budget() is False
+        small = late_sort.replace("LIMIT 20000", "LIMIT 100")
+        assert (await pool.call("k", Sql(small))).rows == [(100,)]
+        assert pool.statistics()["slow_calls"] == 2
