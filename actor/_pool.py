@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import tempfile
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -27,14 +26,15 @@ import trio
 
 from ._actor import Actor, Call, Exclusive, Sink, State
 from ._app import App
-from ._appruntime import DELIVERED, AppRuntime
+from ._appruntime import AppRuntime
 from ._config import ActorConfig
 from ._durability import DurabilityPolicy, make_durability
-from ._errors import Error, Internal, Overloaded, TooLarge, Unavailable
-from ._handoff import HandoffMixin, copy_to, remove_actor_files
+from ._errors import Error, Internal, Overloaded, Unavailable
+from ._exclusive import ExclusiveMixin, Waiter
+from ._handoff import HandoffMixin
 from ._keys import resolve_actor_path, validate_key
 from ._logdurability import LogDurability
-from ._ops import Deleted, ExportResult, Inline, Op
+from ._ops import Inline, Op
 from ._sqlerrors import map_error
 
 log = logging.getLogger("shardlite.actor")
@@ -53,6 +53,9 @@ SLOW_LANE_THREADS = 1
 queries wait for each other there, not the event loop's other tenants."""
 SLOW_WATCH_S = 0.002
 """How often the loop checks a slow-lane statement's time budget and temporary storage."""
+OPEN_SLACK = 32
+"""Actors past --max-open-actors that may hold files while others finish closing: no more
+(the process's descriptor reserve covers them), the next opens wait for a close."""
 CREATE_THREADS = 4
 """Actor files created (which syncs their header) concurrently in worker threads."""
 CLOSE_THREADS = 2
@@ -61,42 +64,7 @@ CLOSE_THREADS = 2
 _clock = time.monotonic
 
 
-class Waiter:
-    """A sink for one call awaited by one task (HTTP handlers, in-process callers)."""
-
-    __slots__ = ("_discard", "_event", "_result")
-
-    def __init__(self) -> None:
-        self._result: Any = None
-        self._event: trio.Event | None = None
-        self._discard: Callable[[Any], None] | None = None
-
-    def deliver(self, tag: Any, result: Any) -> None:
-        if self._discard is not None:
-            self._discard(result)
-            return
-        self._result = (result,)
-        if self._event is not None:
-            self._event.set()
-
-    def abandon(self, discard: Callable[[Any], None]) -> None:
-        """The waiting task is gone: hand the result, now or later, to ``discard``."""
-        if self._result is not None:
-            discard(self._result[0])
-        else:
-            self._discard = discard
-
-    async def wait(self) -> Any:
-        if self._result is None:
-            self._event = trio.Event()
-            await self._event.wait()
-        result = self._result[0]
-        if isinstance(result, Error):
-            raise result
-        return result
-
-
-class ActorPool(HandoffMixin):
+class ActorPool(ExclusiveMixin, HandoffMixin):
     """All the actors of one process. Open with :func:`open_actor_pool`."""
 
     def __init__(
@@ -113,6 +81,7 @@ class ActorPool(HandoffMixin):
         self._actors: OrderedDict[str, Actor] = OrderedDict()
         self._tracked: dict[str, set[str]] = {}  # shard directory -> keys written (moves)
         self._ready: deque[Actor] = deque()
+        self._parked: deque[Actor] = deque()  # closed actors waiting for others to close
         self._runner_wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._open = 0
@@ -222,6 +191,12 @@ class ActorPool(HandoffMixin):
                 self._start_exclusive(actor)
                 continue
             if actor.state is State.CLOSED:
+                if self._open >= self.config.max_open_actors + OPEN_SLACK:
+                    # every descriptor is taken, some by actors still closing (a close
+                    # syncs a file): open this one once a close is over
+                    self._evict()
+                    self._parked.append(actor)
+                    continue
                 if not os.path.exists(actor.path):
                     # creating a file syncs its header: a worker thread does it
                     actor.state = State.BUSY
@@ -277,32 +252,6 @@ class ActorPool(HandoffMixin):
         self.submit_nowait(key, [Call(op, waiter, None, idempotency_key, readonly)])
         self.wake_runner()
         return await waiter.wait()
-
-    async def delete(self, key: str) -> bool:
-        """Remove ``key``'s actor and its file, after the calls queued before this one."""
-        result: Deleted = await self.call(key, self.delete_call())
-        return result.deleted
-
-    async def export(self, key: str) -> str:
-        """A consistent copy of the actor's file in a new temporary file; caller removes it."""
-        waiter = Waiter()
-        self.submit_nowait(key, [Call(Exclusive(self._export_file), waiter)])
-        self.wake_runner()
-        try:
-            path: str = await waiter.wait()
-        except trio.Cancelled:
-            waiter.abandon(_remove_file)  # nobody will stream the copy: do not leak it
-            raise
-        return path
-
-    def delete_call(self) -> Exclusive:
-        """An operation that removes the actor and its file (result: :class:`Deleted`)."""
-        return Exclusive(self._delete_files)
-
-    def export_call(self, max_bytes: int) -> Exclusive:
-        """An operation returning the actor's file as bytes (:class:`ExportResult`);
-        files over ``max_bytes`` are refused with TooLarge before any copy is made."""
-        return Exclusive(functools.partial(self._export_bytes, max_bytes=max_bytes))
 
     # ------------------------------------------------------------------ residency
 
@@ -418,11 +367,18 @@ class ActorPool(HandoffMixin):
             except apsw.Error:
                 log.exception("actor %r: close failed", actor.key)
         actor.state = State.CLOSED
-        self._open -= 1
         self._closing -= 1
+        self._closed_one()
         actor.broken = False
         actor.want_checkpoint = False
         self._after_busy(actor)
+
+    def _closed_one(self) -> None:
+        """An actor's files are closed: an actor waiting for descriptors may open."""
+        self._open -= 1
+        if self._parked:
+            self._schedule(self._parked.popleft())
+            self.wake_runner()
 
     async def _sync_file(self, actor: Actor) -> None:
         lsn = actor.last_lsn
@@ -515,119 +471,6 @@ class ActorPool(HandoffMixin):
                 actor.conn.interrupt()  # sqlite3_interrupt: safe from another thread
                 return
 
-    # ------------------------------------------------------------------ exclusive calls
-
-    def _start_exclusive(self, actor: Actor) -> None:
-        call = actor.mailbox.popleft()
-        assert isinstance(call.op, Exclusive)
-        was_open = actor.state is State.OPEN
-        actor.state = State.BUSY
-        self._spawn(self._run_exclusive, actor, call, was_open)
-
-    async def _run_exclusive(self, actor: Actor, call: Call, was_open: bool) -> None:
-        assert isinstance(call.op, Exclusive)
-        with trio.CancelScope(shield=True):
-            while actor.pending or actor.flushing:
-                actor.released = trio.Event()
-                await actor.released.wait()
-            if actor.conn is None and was_open:
-                was_open = False
-            if actor.broken and actor.conn is not None:
-                # a failed fsync: what the connection caches may not be on disk; reopen
-                await self._reset(actor)
-                was_open = False
-            try:
-                result: Any = await call.op.fn(actor)
-            except Error as exc:
-                result = exc
-            except (apsw.Error, OSError) as exc:
-                log.exception("actor %r: exclusive operation failed", actor.key)
-                result = exc if isinstance(exc, Error) else Internal(str(exc))
-                if actor.conn is not None and not actor.conn.get_autocommit():
-                    actor._rollback()  # an async method's transaction
-                    actor.broken = True
-        if actor.conn is None:
-            if was_open:
-                self._open -= 1
-            actor.state = State.CLOSED
-        else:
-            if not was_open:
-                self._open += 1
-            actor.state = State.OPEN
-        if result is not DELIVERED:  # an async method delivers through the output gate
-            call.sink.deliver(call.tag, result)
-        self._after_busy(actor)
-
-    async def _reset(self, actor: Actor) -> None:
-        try:
-            await trio.to_thread.run_sync(actor.checkpoint_blocking)
-        except apsw.Error:
-            log.exception("actor %r: checkpoint before reset failed", actor.key)
-        actor.close()
-        actor.broken = False
-        self._open -= 1
-
-    async def _delete_files(self, actor: Actor) -> Deleted:
-        if actor.conn is not None:
-            await trio.to_thread.run_sync(actor.checkpoint_blocking)
-            actor.close()
-
-        existed = await trio.to_thread.run_sync(remove_actor_files, actor.path)
-        if actor.written is not None:
-            actor.written.add(actor.key)
-            self.durability.replaced(actor)
-        if self.runtime is not None:
-            self.runtime.deleted(actor.key, actor.path)
-        return Deleted(existed)
-
-    async def open_exclusive(self, actor: Actor) -> None:
-        """Open the file of an actor that runs an exclusive call (create it if new)."""
-        if os.path.exists(actor.path):  # noqa: ASYNC240 (a stat, like run_ready's inline open)
-            actor.open()
-        else:
-            open_new = functools.partial(
-                actor.open, initial_lsn=self.durability.creation_lsn(actor)
-            )
-            await trio.to_thread.run_sync(open_new, limiter=self._open_limiter)
-
-    async def sync_if_needed(self, actor: Actor) -> None:
-        """After an exclusive call's commit: an unlogged batch (log mode) is made durable
-        in the actor's own file before anything else runs."""
-        if not actor.needs_file_sync:
-            return
-        lsn = actor.last_lsn
-        try:
-            await trio.to_thread.run_sync(self.durability.sync_file, actor)
-        except OSError as exc:
-            log.error("actor %r: fdatasync failed: %s", actor.key, exc)
-            self._fail_pending(actor, exc)
-            actor.broken = True
-            return
-        self.durability.file_durable(actor, lsn)
-
-    async def _export_bytes(self, actor: Actor, max_bytes: int) -> ExportResult:
-        if actor.conn is None:
-            await trio.to_thread.run_sync(functools.partial(actor.open, create=False))
-        size = actor.size_bytes()
-        if size > max_bytes:
-            raise TooLarge(
-                f"the actor's file is about {size} bytes, over the limit of {max_bytes}; "
-                "use GET /v1/actors/{key}/export over HTTP"
-            )
-        path = await self._export_file(actor)
-
-        def read() -> bytes:
-            try:
-                with open(path, "rb") as f:
-                    return f.read()
-            finally:
-                os.unlink(path)
-
-        return ExportResult(await trio.to_thread.run_sync(read))
-
-    async def _export_file(self, actor: Actor) -> str:
-        return await copy_to(tempfile.gettempdir(), actor)
-
     # ------------------------------------------------------------------ background tasks
 
     async def _run_runner(self) -> None:
@@ -708,14 +551,6 @@ class ActorPool(HandoffMixin):
             "durability": self.durability.statistics(),
             "app": self.runtime.statistics() if self.runtime is not None else None,
         }
-
-
-def _remove_file(result: Any) -> None:
-    if isinstance(result, str):
-        try:
-            os.unlink(result)
-        except FileNotFoundError:
-            pass
 
 
 def _open_error(actor: Actor, exc: BaseException) -> Error:

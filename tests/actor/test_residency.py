@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from shardlite.actor import (
@@ -291,3 +292,34 @@ async def test_calls_after_a_delete_never_reach_the_deleted_file(
         monkeypatch.setattr(os, "fsync", real_fsync)
     async with open_actor_pool(config, str(tmp_path)) as pool:
         assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [("after",)]
+
+
+async def test_a_burst_over_many_closed_actors_never_holds_more_files_than_the_cap_allows(
+    tmp_path: Path,
+) -> None:
+    from shardlite.actor._pool import OPEN_SLACK
+
+    keys = [f"k{i}" for i in range(300)]
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
+        for key in keys:  # the files exist: opening them again runs inline
+            await pool.call(key, Sql("CREATE TABLE t(v)"))
+    config = ActorConfig(max_open_actors=4)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        most = 0
+        done = 0
+
+        async def write(key: str) -> None:
+            nonlocal most, done
+            await pool.call(key, Sql("INSERT INTO t VALUES (1)"))
+            most = max(most, pool.statistics()["actors_open"])
+            done += 1
+
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(write, key)
+            while done < len(keys):
+                most = max(most, pool.statistics()["actors_open"])
+                await trio.lowlevel.checkpoint()
+        assert most <= config.max_open_actors + OPEN_SLACK
+        for key in keys[:5] + keys[-5:]:
+            assert (await pool.call(key, Sql("SELECT count(*) FROM t"))).rows == [(1,)]
