@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 from .common import Options, SectionResult, Stat, fmt, header, md_table, num, ratio, stat
 
 TITLE = "Durable writes across keys: log vs fsync vs os, and PostgreSQL 15"

@@ -71,6 +71,7 @@ class ShardFence:
         self.max_held = max_held
         self.held: list[Callable[[bool], None]] = []
         self.move_mod = 0  # the move record's revision this fence wrote
+        self.attach = False  # a split is done: placement adoption may attach the shard
         self.started = trio.current_time()
 
     def hold(self, resume: Callable[[bool], None]) -> Error | None:
@@ -185,7 +186,8 @@ class Node:
         """A shard left fenced by an earlier run of this process (it crashed during a
         move's cutover) is served only once the fence is given up in the directory:
         otherwise the move could still flip it to its target."""
-        if shard_id in self.fences:
+        fence = self.fences.get(shard_id)
+        if fence is not None and not fence.attach:
             return False  # this process is splitting it: the split attaches it when done
         for other in placement.moves.values():  # a split of ours not finished yet
             if (

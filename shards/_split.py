@@ -124,7 +124,12 @@ async def split(admin: Any, op: wire.SplitShard) -> wire.Done:
         admin.splitting.discard(op.shard)
     reloaded = await directory.load()
     assert reloaded is not None
-    await node.adopt(reloaded)  # both shards attach; then the held requests run
+    # Both shards attach, by this adoption or by the watcher's if it comes first (it may
+    # also have come before, while the split still kept the shard from attaching, and no
+    # further change would wake it); then the held requests run.
+    fence.attach = True
+    await node.adopt(reloaded)
+    await node.adopt(node.placement)  # the watcher may have adopted a newer one meanwhile
     node.lift(op.shard)
     admin.pool.resume_alarms(source_dir)
     log.info("%s split: %d actors now in %s", op.shard, moved, op.new_shard)
