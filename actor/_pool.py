@@ -381,17 +381,9 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
             self.wake_runner()
 
     async def _sync_file(self, actor: Actor) -> None:
-        lsn = actor.last_lsn
         with trio.CancelScope(shield=True):
-            try:
-                await trio.to_thread.run_sync(self.durability.sync_file, actor)
-            except OSError as exc:
-                log.error("actor %r: fdatasync failed: %s", actor.key, exc)
-                self._fail_pending(actor, exc)
-                actor.broken = True
+            await self.sync_if_needed(actor)
         actor.state = State.OPEN
-        if not actor.broken:
-            self.durability.file_durable(actor, lsn)
         self._maybe_maintain(actor)
         self._after_busy(actor)
 
