@@ -112,7 +112,8 @@ class StatementRunner:
     schema_changed: bool
     alarms_dirty: bool
 
-    def reload_tables(self) -> None: ...
+    # Actor's own method this uses
+    reload_tables: Callable[[], None]
 
     def init_runner(self) -> None:
         self._me = cast("Actor", self)  # what the durability policy is handed

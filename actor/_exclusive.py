@@ -8,6 +8,7 @@ waits for its earlier replies to be released, and awaits the entry's function.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -225,8 +226,7 @@ class ExclusiveMixin:
 
 
 def _remove_file(result: Any) -> None:
+    """Remove an export's temporary copy that nobody will stream (gone already: fine)."""
     if isinstance(result, str):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(result)
-        except FileNotFoundError:
-            pass
