@@ -33,6 +33,11 @@ TITLE = durable_report.TITLE
 DEFAULT_RUNS = 3
 CONNS, WINDOW = 4, 64
 MODES = ("log", "fsync", "os")
+FLOORS = {
+    "apsw-lsn": "raw apsw, with the LSN row (no server)",
+    "apsw": "raw apsw, no LSN row (no server)",
+}
+"""The floor (apsw_floor.py): the same transactions in one thread, nothing else."""
 PG_CLIENTS = (64, CONNS * WINDOW)
 MAX_OPEN = 100_000
 """Asked of every server: each lowers it to what its file-descriptor limit allows."""
@@ -55,6 +60,8 @@ class Case:
     def label(self) -> str:
         if self.kind.startswith("pg"):
             return f"PostgreSQL 15, {self.kind[2:]} clients"
+        if self.kind in FLOORS:
+            return FLOORS[self.kind]
         if self.extra:
             return f"shardlite {self.kind}, {self.conns}×{self.window} outstanding"
         return f"shardlite {self.kind}"
@@ -74,6 +81,7 @@ def _cases(opts: Options, with_pg: bool) -> list[Case]:
         if keys == 10_000:
             cases += [Case(mode, UNCAPPED_KEYS) for mode in ("log", "os")]
         cases += [Case(mode, keys) for mode in MODES]
+        cases += [Case(kind, keys) for kind in FLOORS]
         if keys == 1000:  # the latency target, at PostgreSQL's c64 concurrency too
             cases.append(Case("log", keys, CONNS, 64 // CONNS))
         if with_pg:
@@ -122,6 +130,17 @@ def _shardlite_run(case: Case, seconds: float, warm: float) -> dict[str, Any]:
     return r
 
 
+def _floor_run(case: Case, seconds: float, warm: float) -> dict[str, Any]:
+    cmd = python_cmd(
+        "benchmarks.apsw_floor",
+        *("--data", case.data, "--keys", str(case.keys)),
+        *("--seconds", str(seconds), "--warm", str(warm)),
+        *(["--lsn"] if case.kind == "apsw-lsn" else []),
+        cpu="0",
+    )
+    return run_json(cmd, timeout=seconds + warm + 300)
+
+
 def _pg_run(cluster: pg.Cluster, case: Case, seconds: float) -> dict[str, Any]:
     cluster.start()
     try:
@@ -147,12 +166,15 @@ def run(opts: Options) -> SectionResult:
                 if case.kind.startswith("pg"):
                     assert cluster is not None
                     r = _pg_run(cluster, case, seconds)
+                elif case.kind in FLOORS:
+                    r = _floor_run(case, seconds, warm)
                 else:
                     r = _shardlite_run(case, seconds, warm)
                 case.runs.append(r)
                 print(
                     f"  durable round {round_no + 1}: {case.keys:,} keys, {case.label}: "
-                    f"{num(r['rps'])} writes/s, p99 {num(r['p99_ms'])} ms",
+                    f"{num(r['rps'])} writes/s"
+                    + ("" if case.kind in FLOORS else f", p99 {num(r['p99_ms'])} ms"),
                     flush=True,
                 )
     finally:
