@@ -19,6 +19,7 @@ yet durable in its file are deleted.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from collections.abc import Callable
@@ -36,7 +37,6 @@ from ._errors import Error, Internal
 from ._keys import resolve_actor_path
 from ._ops import Result
 from ._shardlog import LOG_DIR, Record, Recovered, ShardLog, encode_record, read_log_epoch
-from ._writeback import HAVE_SYNCFS, syncfs, write_back
 
 log = logging.getLogger("shardlite.actor")
 
@@ -49,11 +49,34 @@ SYNCFS_EVERY_S = 2.0
 """With many files to sync, the checkpointer runs (one syncfs) at least this often."""
 SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
-WRITE_BACK_CHUNK = 32
-"""Actor WALs written back per worker-thread call before a syncfs, between pauses."""
-WRITE_BACK_PAUSE = 2.0
-"""After each write-back portion the checkpointer pauses this many times as long as the
-portion took: the disk keeps two thirds of its time for the log's flushes."""
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+HAVE_SYNCFS = _syncfs is not None
+
+
+def syncfs(directory: str) -> None:
+    """syncfs(2) on the file system holding ``directory``: every file's written data and
+    metadata there reach the disk, with one flush. Blocking."""
+    assert _syncfs is not None
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs({directory}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def sync_wal(actor: Actor) -> None:
@@ -388,11 +411,6 @@ class LogDurability:
             # one syncfs instead of thousands of fdatasyncs: the disk does 1.5-3k flushes
             # a second, and the log's own flush must get most of them
             marks = [(a, a.last_lsn) for a in targets]
-            for i in range(0, len(targets), WRITE_BACK_CHUNK):
-                paths = [a.path + "-wal" for a in targets[i : i + WRITE_BACK_CHUNK]]
-                started = trio.current_time()
-                await trio.to_thread.run_sync(write_back, paths)
-                await trio.sleep((trio.current_time() - started) * WRITE_BACK_PAUSE)
             started = trio.current_time()
             try:
                 await trio.to_thread.run_sync(syncfs, shard.directory)

@@ -81,7 +81,8 @@ def _cases(opts: Options, with_pg: bool) -> list[Case]:
         if keys == 10_000:
             cases += [Case(mode, UNCAPPED_KEYS) for mode in ("log", "os")]
         cases += [Case(mode, keys) for mode in MODES]
-        cases += [Case(kind, keys) for kind in FLOORS]
+        if keys >= STEADY_KEYS:  # one write per transaction: where the floor binds
+            cases += [Case(kind, keys) for kind in FLOORS]
         if keys == 1000:  # the latency target, at PostgreSQL's c64 concurrency too
             cases.append(Case("log", keys, CONNS, 64 // CONNS))
         if with_pg:

@@ -230,9 +230,9 @@ def report(
         "with the same pragmas and VFS, keys drawn uniformly, least recently used files "
         "closed past the descriptor limit; no network, framing, durability wait or "
         "checkpoint. Where each transaction holds one write (many keys, few writes per key "
-        "in flight: the 1,000- and 10,000-key rows) no server that keeps one SQLite file "
-        "per key can beat it on one core; with 1 or 64 keys the servers batch many writes "
-        "into each transaction and can pass it."
+        "in flight: the 1,000- and 10,000-key rows, the only ones measured) no server that "
+        "keeps one SQLite file per key can beat it on one core; with 1 or 64 keys the "
+        "servers batch many writes into each transaction and pass it."
     )
     churn = _churn_note(cases)
     if churn:
