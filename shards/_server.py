@@ -8,6 +8,7 @@ process exit.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import gc
@@ -90,11 +91,9 @@ def raise_fd_limit(wanted: int) -> int:
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < wanted:
-        try:
+        with contextlib.suppress(OSError, ValueError):  # unprivileged, or past fs.nr_open
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
             return wanted
-        except (OSError, ValueError):
-            pass  # not privileged, or past fs.nr_open: keep the hard limit
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         soft = hard
