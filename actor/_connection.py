@@ -28,6 +28,9 @@ _LSN_INIT = internal_sql("INSERT OR IGNORE INTO _shardlite_lsn (id, lsn) VALUES 
 LSN_GET = internal_sql("SELECT lsn FROM _shardlite_lsn WHERE id = 1")
 LSN_SET = internal_sql("UPDATE _shardlite_lsn SET lsn = ? WHERE id = 1")
 """The shard-log position the file holds (durability=log), written with each batch."""
+LSN_NUDGE = internal_sql("UPDATE _shardlite_lsn SET lsn = lsn + ? WHERE id = 1")
+"""By +1 then -1 in one transaction: a write that leaves the file as it was and still
+fills a WAL frame (SQLite writes no page for an UPDATE that rewrites the same bytes)."""
 META_GET = internal_sql("SELECT value FROM _shardlite_meta WHERE name = ?")
 META_PUT = internal_sql("INSERT OR REPLACE INTO _shardlite_meta (name, value) VALUES (?, ?)")
 _HAS_META = internal_sql(

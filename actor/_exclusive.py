@@ -156,7 +156,7 @@ class ExclusiveMixin:
 
     async def _reset(self, actor: Actor) -> None:
         try:
-            await trio.to_thread.run_sync(actor.checkpoint_blocking)
+            await trio.to_thread.run_sync(actor.checkpoint_before_close)
         except apsw.Error:
             log.exception("actor %r: checkpoint before reset failed", actor.key)
         actor.close()
@@ -165,7 +165,7 @@ class ExclusiveMixin:
 
     async def _delete_files(self, actor: Actor) -> Deleted:
         if actor.conn is not None:
-            await trio.to_thread.run_sync(actor.checkpoint_blocking)
+            await trio.to_thread.run_sync(actor.checkpoint_before_close)
             actor.close()
 
         existed = await trio.to_thread.run_sync(remove_actor_files, actor.path)

@@ -223,7 +223,7 @@ class HandoffMixin:
 
     async def _replace_file(self, source: str, actor: Actor) -> Any:
         if actor.conn is not None:  # close first: everything it wrote is in its file
-            await trio.to_thread.run_sync(actor.checkpoint_blocking)
+            await trio.to_thread.run_sync(actor.checkpoint_before_close)
             self.durability.file_durable(actor, actor.last_lsn)
             actor.close()  # (the pool counts it closed when this call returns)
         lsn = self.durability.creation_lsn(actor)

@@ -302,7 +302,7 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
             if actor.state is State.OPEN and actor.idle:
                 self.evicted += 1
                 excess -= 1
-                self._spawn_close(actor)
+                self._spawn_close(actor, keep_wal=True)
 
     def _forget(self, actor: Actor) -> None:
         if self._actors.get(actor.key) is actor and actor.idle and actor.state is State.CLOSED:
@@ -344,19 +344,24 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    def _spawn_close(self, actor: Actor) -> None:
+    def _spawn_close(self, actor: Actor, *, keep_wal: bool = False) -> None:
         actor.state = State.BUSY
         self._closing += 1
-        self._spawn(self._close, actor)
+        self._spawn(self._close, actor, keep_wal)
 
-    async def _close(self, actor: Actor) -> None:
+    async def _close(self, actor: Actor, keep_wal: bool = False) -> None:
+        """Checkpoint in a worker thread, then close. ``keep_wal`` (evictions, which
+        the LRU is likely to reopen soon): leave a started WAL beside the file, so that
+        the reopened actor's first commit does not sync a new WAL's header on the loop
+        (Actor.checkpoint_blocking)."""
         with trio.CancelScope(shield=True):
             lsn = actor.last_lsn
             try:
                 # at most CLOSE_THREADS at once: each close syncs a file, and a reaper pass
                 # that closes thousands of idle actors must not starve the log's flushes
                 await trio.to_thread.run_sync(
-                    actor.checkpoint_blocking, limiter=self._close_limiter
+                    functools.partial(actor.checkpoint_before_close, keep_wal=keep_wal),
+                    limiter=self._close_limiter,
                 )
                 if not actor.broken:
                     self.durability.file_durable(actor, lsn)

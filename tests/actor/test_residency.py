@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 import trio
 import trio.lowlevel
@@ -89,6 +91,74 @@ async def test_open_actors_stay_under_the_lru_cap(tmp_path: Path) -> None:
         for i in range(20):
             assert (await pool.call(f"key-{i}", Sql("SELECT v FROM t"))).rows == [(i,)]
         await wait_until(lambda: pool.statistics()["actors_open"] <= 3)
+
+
+class LoopSyncs(apsw.VFS):
+    """Passes every call through to the default VFS and counts the syncs SQLite asks
+    for on one thread (the event loop's)."""
+
+    def __init__(self, name: str) -> None:
+        self.vfs_name = name
+        self.loop_thread = threading.get_ident()
+        self.on_loop: list[str] = []
+        super().__init__(name, "")
+
+    def xOpen(self, name: Any, flags: list[int]) -> LoopSyncsFile:
+        return LoopSyncsFile(self, name, flags)
+
+
+class LoopSyncsFile(apsw.VFSFile):
+    def __init__(self, vfs: LoopSyncs, name: Any, flags: list[int]) -> None:
+        self._vfs = vfs
+        self._name = name.filename() if isinstance(name, apsw.URIFilename) else str(name)
+        super().__init__("", name, flags)
+
+    def xSync(self, flags: int) -> None:
+        if threading.get_ident() == self._vfs.loop_thread:
+            self._vfs.on_loop.append(os.path.basename(self._name))
+        super().xSync(flags)
+
+
+async def test_no_sync_runs_on_the_event_loop_through_checkpoints_evictions_and_reopens(
+    tmp_path: Path,
+) -> None:
+    """SQLite syncs a WAL's header (and a new WAL's directory) on the first commit after
+    a checkpoint emptied it or a close deleted it: the worker thread that checkpoints
+    starts the next WAL itself, and an eviction leaves it beside the closed file, so no
+    tenant batch on the loop ever waits for a sync."""
+    vfs = LoopSyncs(f"loopsyncs{os.getpid()}")
+    try:
+        config = ActorConfig(
+            vfs=vfs.vfs_name,
+            max_open_actors=2,
+            checkpoint_wal_bytes=16 * 4096,
+            durability=Durability.OS,
+        )
+        async with open_actor_pool(config, str(tmp_path)) as pool:
+            keys = [f"key-{i}" for i in range(5)]
+            for key in keys:
+                await pool.call(key, Sql("CREATE TABLE t(v BLOB)"))
+            for i in range(300):  # keys in turn: each call reopens an evicted actor
+                key = keys[i % len(keys)]
+                await pool.call(key, Sql("INSERT INTO t VALUES (randomblob(3000))"))
+            stats = pool.statistics()
+            assert stats["evicted"] >= 250 and stats["opened"] >= 250
+            assert stats["checkpoints"] + stats["evicted"] >= 250
+            # an evicted actor's file keeps its started WAL: one frame past the header
+            await wait_until(lambda: pool.statistics()["actors_open"] <= 2)
+            wal = Path(str(tmp_path / key_to_relpath("key-0")) + "-wal")  # least recent
+            assert wal.stat().st_size == 32 + 24 + 4096
+            for key in keys:
+                assert (await pool.call(key, Sql("SELECT count(*) FROM t"))).rows == [(60,)]
+        assert vfs.on_loop == []
+        # the files are whole, and hold every write, for a fresh pool on the default VFS
+        async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
+            for key in keys:
+                assert (await pool.call(key, Sql("SELECT count(*) FROM t"))).rows == [(60,)]
+                check = await pool.call(key, Sql("PRAGMA integrity_check"))
+                assert check.rows == [("ok",)]
+    finally:
+        vfs.unregister()
 
 
 async def test_full_mailbox_refuses_with_overloaded(tmp_path: Path) -> None:
