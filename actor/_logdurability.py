@@ -136,6 +136,9 @@ class LogDurability:
         """Per shard: the next alarm of every file recovery opened (for the alarm index)."""
         self.before_trim: Callable[[str], None] | None = None
         """Blocking, before the log of a shard is trimmed (the alarm index's sync)."""
+        self.observe_flush: Callable[[float], None] | None = None
+        """Given each flush round's seconds, from its start until its records are durable
+        (the shard server's histogram)."""
 
     # ------------------------------------------------------------------ shards
 
@@ -340,11 +343,14 @@ class LogDurability:
                 data = b"".join(shard.buffer)
                 last = shard.buffered_lsn
                 shard.buffer.clear()
+                started = trio.current_time()
                 try:
                     await trio.to_thread.run_sync(shard.log.write, data, limiter=shard.limiter)
                 except OSError as exc:
                     self._write_failed(shard, last, exc)
                     continue
+                if self.observe_flush is not None:
+                    self.observe_flush(trio.current_time() - started)
                 shard.rounds += 1
                 shard.bytes += len(data)
                 shard.flushed_lsn = last

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import apsw
+import trio
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,9 +17,12 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shardlite.actor import ActorPool
+from shardlite.actor import ActorPool, LogDurability
 
+LOOP_LAG_INTERVAL_S = 0.01
 _LATENCY_BUCKETS_S = (
+    0.0001,
+    0.00025,
     0.0005,
     0.001,
     0.0025,
@@ -66,12 +70,35 @@ class Metrics:
             "Open RPC connections.",
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "shardlite_event_loop_lag_seconds",
+            "How late the event loop ran a task whose timer was due (sampled every "
+            f"{LOOP_LAG_INTERVAL_S * 1000:.0f} ms): time spent on other work, which every "
+            "request waiting then shares.",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.log_flush = Histogram(
+            "shardlite_log_flush_duration_seconds",
+            "durability=log: a shard log flush round, from its start until its records "
+            "are durable (write and fdatasync, in a worker thread).",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         Gauge(
             "shardlite_build_info",
             "Versions of shardlite and its SQLite.",
             ["sqlite", "apsw"],
             registry=r,
         ).labels(apsw.sqlite_lib_version(), apsw.apsw_version()).set(1)
+
+    async def watch_loop_lag(self) -> None:
+        """Run forever: how late the event loop wakes a task whose timer is due, every
+        ``LOOP_LAG_INTERVAL_S`` (Node's event-loop delay). Every request waits that long too."""
+        while True:
+            due = trio.current_time() + LOOP_LAG_INTERVAL_S
+            await trio.sleep_until(due)
+            self.loop_lag.observe(trio.current_time() - due)
 
     def watch_held(self, held: Callable[[], int]) -> None:
         """Export how many requests wait behind a shard's fence (a move's cutover) or a
@@ -84,8 +111,11 @@ class Metrics:
         ).set_function(held)
 
     def watch_pool(self, pool: ActorPool) -> None:
-        """Export the pool's statistics() at scrape time."""
+        """Export the pool's statistics() at scrape time (and its log flushes as they
+        happen)."""
         self.registry.register(_PoolCollector(pool.statistics))
+        if isinstance(pool.durability, LogDurability):
+            pool.durability.observe_flush = self.log_flush.observe
 
 
 class _PoolCollector(Collector):

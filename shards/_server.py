@@ -220,6 +220,7 @@ async def _serve(
         async with open_actor_pool(config, _locate_by(holder), app=classes) as pool:
             metrics.watch_pool(pool)
             async with trio.open_nursery() as background:
+                background.start_soon(metrics.watch_loop_lag)
                 auth, credential = _auth_for(settings, data)
                 forwarder = Forwarder(background, settings.max_request_bytes, credential)
                 async with trio.open_nursery() as servers:
