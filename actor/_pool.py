@@ -353,7 +353,7 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
         """Checkpoint in a worker thread, then close. ``keep_wal`` (evictions, which
         the LRU is likely to reopen soon): leave a started WAL beside the file, so that
         the reopened actor's first commit does not sync a new WAL's header on the loop
-        (Actor.checkpoint_blocking)."""
+        (Actor.checkpoint_before_close, Actor._start_wal)."""
         with trio.CancelScope(shield=True):
             lsn = actor.last_lsn
             try:
