@@ -345,7 +345,9 @@ class LogDurability:
                 shard.buffer.clear()
                 started = trio.current_time()
                 try:
-                    await trio.to_thread.run_sync(shard.log.write, data, limiter=shard.limiter)
+                    await trio.to_thread.run_sync(
+                        shard.log.write, data, last, limiter=shard.limiter
+                    )
                 except OSError as exc:
                     self._write_failed(shard, last, exc)
                     continue

@@ -99,6 +99,7 @@ class ShardLog:
         self.segment_bytes = segment_bytes
         self.epoch = 0
         self._seq = 0
+        self._written_lsn = 0  # of the last record written
         self._fd: int | None = None
         self._size = 0  # of the active segment
         self._active = ""
@@ -118,6 +119,7 @@ class ShardLog:
                 recovered.torn += 1
         self.epoch = self._bump_epoch()
         self._seq = 0
+        self._written_lsn = self.epoch << SEQ_BITS
         self.start_segment()
         return recovered
 
@@ -152,7 +154,11 @@ class ShardLog:
         return epoch
 
     def start_segment(self) -> None:
-        first = self.next_lsn()
+        # Every record in a segment has an LSN >= its first. Not next_lsn(): the loop has
+        # reserved LSNs for records that are still to be written (they go in this one).
+        first = self._written_lsn + 1
+        if self.segments and self.segments[-1][0] >= first:
+            first = self.segments[-1][0] + 1  # after a failed write: its records are gone
         path = os.path.join(self.directory, f"{first:016x}{SEGMENT_SUFFIX}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         header = SEGMENT_HEADER.pack(MAGIC, VERSION, 0, first, time.time_ns(), 0)
@@ -179,11 +185,13 @@ class ShardLog:
         self._seq += 1
         return (self.epoch << SEQ_BITS) | self._seq
 
-    def write(self, data: bytes) -> None:
-        """Append encoded records and make them durable. Blocking: the flusher's thread."""
+    def write(self, data: bytes, last_lsn: int) -> None:
+        """Append encoded records and make them durable; ``last_lsn`` is the LSN of the
+        last of them (they come in LSN order). Blocking: the flusher's thread."""
         assert self._fd is not None
         _write_all(self._fd, data)
         os.fdatasync(self._fd)
+        self._written_lsn = last_lsn
         self._size += len(data)
         self._sizes[self._active] = self._size
         if self._size >= self.segment_bytes:

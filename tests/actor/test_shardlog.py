@@ -38,6 +38,7 @@ QUICK_SEEDS = int(os.environ.get("SHARDLITE_POWERCUT_SEEDS", "24"))
 SLOW_SEEDS = 2000
 KEYS = 6
 WRITERS = 12
+SEGMENT_BYTES = 4 * 1024
 
 
 class LogCut:
@@ -84,7 +85,10 @@ class Harness:
         self.cut = cut
         self.schema_changes = True
         self.evict_some = True
-        self.config = ActorConfig(vfs=vfs.vfs_name, log_checkpoint_interval_s=0.05)
+        # small segments: the log moves to new segments while writes are in flight
+        self.config = ActorConfig(
+            vfs=vfs.vfs_name, log_checkpoint_interval_s=0.05, log_segment_bytes=SEGMENT_BYTES
+        )
 
     def durability(self) -> LogDurability:
         def sync(actor: Actor) -> None:
@@ -406,3 +410,28 @@ async def test_many_files_are_made_durable_with_one_syncfs_and_the_log_trimmed(
         stats = durability.statistics()
         assert stats["syncfs_calls"] == 1 and stats["unsynced_actors"] == 0
         assert stats["trimmed_segments"] > 0 and len(shard.log.segments) == 1
+
+
+def test_records_reserved_before_a_segment_switch_are_read_back_from_the_next_segment(
+    tmp_path: Path,
+) -> None:
+    """The flusher writes a round while the loop reserves LSNs for the next one; when the
+    round fills the segment, the next segment must start at the first of those LSNs
+    (the header says every record in it has a larger or equal LSN), or recovery drops
+    them as out of order."""
+    log = shardlog_module.ShardLog(str(tmp_path), 256)
+    log.open()
+    first, second, third = log.reserve(), log.reserve(), log.reserve()
+    log.write(shardlog_module.encode_record(first, "k", b"a" * 300), first)  # fills it
+    assert len(log.segments) == 2
+    log.write(
+        shardlog_module.encode_record(second, "k", b"b")
+        + shardlog_module.encode_record(third, "k", b"c"),
+        third,
+    )
+    log.close()
+    again = shardlog_module.ShardLog(str(tmp_path), 256)
+    recovered = again.open()
+    again.close()
+    assert [r.payload for r in recovered.records["k"]] == [b"a" * 300, b"b", b"c"]
+    assert recovered.torn == 0
