@@ -68,6 +68,8 @@ class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_wal_bytes: int = DEFAULT_CHECKPOINT_WAL_BYTES
     fsync_threads: int = DEFAULT_FSYNC_THREADS
     log_segment_bytes: int = DEFAULT_LOG_SEGMENT_BYTES
+    log_init_zero: bool = True
+    """Zero-fill each log segment before use, so flushes overwrite blocks in place."""
     log_trim_bytes: int = DEFAULT_LOG_TRIM_BYTES
     """Past this many bytes of log the shard's actor files are synced and the log trimmed."""
     log_checkpoint_interval_s: float = DEFAULT_LOG_CHECKPOINT_INTERVAL_S

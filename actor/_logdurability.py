@@ -49,6 +49,8 @@ SYNCFS_EVERY_S = 2.0
 """With many files to sync, the checkpointer runs (one syncfs) at least this often."""
 SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
+SPARE_RETRY_S = 1.0
+"""After a failed zero-fill of the next log segment (init_zero), wait this long."""
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -105,6 +107,7 @@ class _Shard:
         self.waiting: set[Actor] = set()
         self.unsynced: dict[Actor, int] = {}  # actor -> its oldest LSN not durable in its file
         self.wake = trio.Event()
+        self.spare_wanted = trio.Event()
         self.scope = trio.CancelScope()  # its flusher and checkpointer
         self.limiter = trio.CapacityLimiter(1)
         self.rounds = 0
@@ -146,7 +149,11 @@ class LogDurability:
         """Open the shard's log, replay what actor files lack, start its flusher."""
         if directory in self.shards:
             return
-        shard_log = ShardLog(os.path.join(directory, LOG_DIR), self.config.log_segment_bytes)
+        shard_log = ShardLog(
+            os.path.join(directory, LOG_DIR),
+            self.config.log_segment_bytes,
+            init_zero=self.config.log_init_zero,
+        )
         recovered = await trio.to_thread.run_sync(shard_log.open)
         replayed, alarms = await trio.to_thread.run_sync(
             replay_shard, directory, recovered, self.config
@@ -172,6 +179,7 @@ class LogDurability:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_flusher, shard)
                 nursery.start_soon(self._run_checkpointer, shard)
+                nursery.start_soon(self._run_spare_maker, shard)
 
     async def detach_shard(self, directory: str) -> None:
         """The shard no longer serves here and every actor of it is closed (so its files
@@ -358,6 +366,29 @@ class LogDurability:
                 shard.flushed_lsn = last
                 for actor in list(shard.waiting):
                     self._release(actor, last)
+                if shard.log.wants_spare():
+                    shard.spare_wanted.set()
+
+    async def _run_spare_maker(self, shard: _Shard) -> None:
+        """Zero-fill the log's next segment while the active one fills (init_zero), in a
+        thread beside the flusher's: moving to it then costs a round one header write."""
+        while True:
+            await shard.spare_wanted.wait()
+            shard.spare_wanted = trio.Event()
+            if not shard.log.wants_spare():
+                continue
+            try:
+                await trio.to_thread.run_sync(shard.log.prepare_spare)
+            except OSError as exc:
+                # not fatal: the next segment is then a new file that records are
+                # appended to (each flush also commits its growth)
+                log.warning(
+                    "shard log %s: cannot prepare the next segment (%s); retrying in %.0f s",
+                    shard.directory,
+                    exc,
+                    SPARE_RETRY_S,
+                )
+                await trio.sleep(SPARE_RETRY_S)
 
     def _release(self, actor: Actor, flushed: int) -> None:
         """Deliver, in order, every pending batch that is durable: in the actor's own
@@ -469,6 +500,7 @@ class LogDurability:
             "rounds": sum(s.rounds for s in shards),
             "log_bytes_written": sum(s.bytes for s in shards),
             "trimmed_segments": sum(s.trimmed_segments for s in shards),
+            "zero_filled_segments": sum(s.log.spares_used for s in shards),
             "syncfs_calls": sum(s.syncfs_calls for s in shards),
             "failures": sum(s.failures for s in shards),
             "unsynced_actors": sum(len(s.unsynced) for s in shards),

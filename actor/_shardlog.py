@@ -11,14 +11,24 @@ the epoch is bumped, durably, every time a log is opened, so an LSN is never reu
 across restarts, even one an actor file holds while its record never reached the log.
 A torn or corrupt record ends a segment: everything after it was never acknowledged.
 
+With ``init_zero`` (the server's default, like PostgreSQL's ``wal_init_zero``) a segment
+file is zero-filled to its full size and fdatasync'ed before it is used, and records
+overwrite it in place: a flush then writes data blocks the file already has, with no
+journal commit for a growing file (which waited behind other files' write-back). A record
+header of zeros is a segment's clean end. The next segment is prepared ahead, beside the
+writer (``prepare_spare``), as ``next-<n>.zero``; it becomes a segment by a link after
+its header is durable.
+
 Everything here is blocking file I/O: the caller runs it in a worker thread (the
 flusher) or before serving (recovery).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -37,6 +47,10 @@ EPOCH_FILE = "epoch"
 LOG_DIR = "log"
 """The log's directory inside a shard's."""
 SEGMENT_SUFFIX = ".log"
+SPARE_SUFFIX = ".zero"
+"""Of a zero-filled file that becomes the next segment (init_zero); never read."""
+ZERO_CHUNK = 1 << 20
+ZERO_RECORD_HEADER = bytes(RECORD_HEADER.size)
 
 
 class LogCorrupt(Exception):
@@ -94,9 +108,17 @@ def encode_record(lsn: int, key: str, payload: bytes) -> bytes:
 class ShardLog:
     """The log files of one shard. Not thread-safe: one writer (the flusher) at a time."""
 
-    def __init__(self, directory: str, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+    def __init__(
+        self, directory: str, segment_bytes: int = DEFAULT_SEGMENT_BYTES, *, init_zero: bool = False
+    ) -> None:
         self.directory = directory
         self.segment_bytes = segment_bytes
+        self.init_zero = init_zero
+        self._spare: tuple[int, str] | None = None  # the prepared next segment: fd, path
+        self._spare_lock = threading.Lock()  # the spare is made in another thread
+        self._spares_made = 0  # each spare has a name of its own (a switch may overlap)
+        self._closed = False
+        self.spares_used = 0
         self.epoch = 0
         self._seq = 0
         self._written_lsn = 0  # of the last record written
@@ -111,15 +133,20 @@ class ShardLog:
     def open(self) -> Recovered:
         """Read what is there, bump the epoch, start a new segment. Blocking."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        for name in os.listdir(self.directory):
+            if name.endswith(SPARE_SUFFIX):  # a crash's: its zeros may never have been synced
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
         recovered = Recovered()
         for first, path in self._list_segments():
             self.segments.append((first, path))
-            self._sizes[path] = os.path.getsize(path)
-            if not _read_segment(path, recovered):
-                recovered.torn += 1
+            whole, self._sizes[path] = _read_segment(path, recovered)
+            recovered.torn += not whole
         self.epoch = self._bump_epoch()
         self._seq = 0
         self._written_lsn = self.epoch << SEQ_BITS
+        if self.init_zero:
+            self.prepare_spare()
         self.start_segment()
         return recovered
 
@@ -153,19 +180,66 @@ class ShardLog:
         sync_directory(self.directory)
         return epoch
 
+    def wants_spare(self) -> bool:
+        """Time to prepare the next segment (``prepare_spare``): the active one is half
+        full and no spare is ready. Cheap: the flusher asks after every round."""
+        return (
+            self.init_zero
+            and self._spare is None
+            and not self._closed
+            and self._size >= self.segment_bytes // 2
+        )
+
+    def prepare_spare(self) -> None:
+        """Zero-fill the next segment's file to its full size and fdatasync it. Blocking;
+        runs in a thread of its own, beside ``write``."""
+        self._spares_made += 1
+        path = os.path.join(self.directory, f"next-{self._spares_made}{SPARE_SUFFIX}")
+        spare = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+        try:
+            zeros = memoryview(bytes(min(ZERO_CHUNK, self.segment_bytes)))
+            left = self.segment_bytes
+            while left > 0:
+                left -= os.write(spare[0], zeros[:left])
+            os.fdatasync(spare[0])
+        except BaseException:
+            _drop_spare(spare)
+            raise
+        with self._spare_lock:
+            keep = self._spare is None and not self._closed
+            if keep:
+                self._spare = spare
+        if not keep:
+            _drop_spare(spare)  # the log was closed meanwhile
+
     def start_segment(self) -> None:
+        """Make the next segment the active one: the spare if one is ready, else a new
+        file that records are appended to. Its header is durable, and its name, on return."""
         # Every record in a segment has an LSN >= its first. Not next_lsn(): the loop has
         # reserved LSNs for records that are still to be written (they go in this one).
         first = self._written_lsn + 1
         if self.segments and self.segments[-1][0] >= first:
             first = self.segments[-1][0] + 1  # after a failed write: its records are gone
         path = os.path.join(self.directory, f"{first:016x}{SEGMENT_SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         header = SEGMENT_HEADER.pack(MAGIC, VERSION, 0, first, time.time_ns(), 0)
         header = header[:-4] + struct.pack(">I", zlib.crc32(header[:-4]))
-        _write_all(fd, header)
-        os.fdatasync(fd)
-        sync_directory(self.directory)
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            fd = spare[0]
+        else:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            _pwrite_all(fd, header, 0)
+            os.fdatasync(fd)
+            if spare is not None:  # named once its header is durable; link: never over one
+                os.link(spare[1], path)
+                os.unlink(spare[1])
+            sync_directory(self.directory)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.spares_used += spare is not None
         if self._fd is not None:
             os.close(self._fd)
         self._fd = fd
@@ -186,10 +260,11 @@ class ShardLog:
         return (self.epoch << SEQ_BITS) | self._seq
 
     def write(self, data: bytes, last_lsn: int) -> None:
-        """Append encoded records and make them durable; ``last_lsn`` is the LSN of the
-        last of them (they come in LSN order). Blocking: the flusher's thread."""
+        """Add encoded records after the last ones and make them durable; ``last_lsn`` is
+        the LSN of the last of them (they come in LSN order). Blocking: the flusher's
+        thread."""
         assert self._fd is not None
-        _write_all(self._fd, data)
+        _pwrite_all(self._fd, data, self._size)
         os.fdatasync(self._fd)
         self._written_lsn = last_lsn
         self._size += len(data)
@@ -219,58 +294,76 @@ class ShardLog:
         return sum(self._sizes.values())
 
     def close(self) -> None:
+        """Close the files; a spare is deleted (now, or by ``prepare_spare`` when it ends)."""
+        with self._spare_lock:
+            self._closed = True
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            _drop_spare(spare)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _drop_spare(spare: tuple[int, str]) -> None:
+    os.close(spare[0])
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(spare[1])
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = os.pwrite(fd, view, offset)
         view = view[written:]
+        offset += written
 
 
-def _read_segment(path: str, into: Recovered) -> bool:
-    """Add a segment's valid records to ``into``; False if it ended torn or corrupt."""
+def _read_segment(path: str, into: Recovered) -> tuple[bool, int]:
+    """Add a segment's valid records to ``into``. Returns whether it ended cleanly (not
+    torn or corrupt), and where its records end."""
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < SEGMENT_HEADER.size:
-        return False  # a segment whose header never made it: it holds nothing
+        return False, len(data)  # a segment whose header never made it: it holds nothing
     magic, version, _, first, _, crc = SEGMENT_HEADER.unpack_from(data)
     if magic != MAGIC or zlib.crc32(data[: SEGMENT_HEADER.size - 4]) != crc:
         raise LogCorrupt(f"{path} is not a shardlite log segment")
     if version != VERSION:
         raise LogCorrupt(f"{path} has log format version {version}; this build reads {VERSION}")
     last = first - 1
-    for record in _records(data, SEGMENT_HEADER.size):
-        if record is None:
-            return False
-        if record.lsn <= last:
-            return False
-        last = record.lsn
+    end = SEGMENT_HEADER.size
+    for record, record_end in _records(data, end):
+        if record is None or record.lsn <= last:
+            return False, end
+        last, end = record.lsn, record_end
         into.records.setdefault(record.key, []).append(record)
         into.count += 1
-    return True
+    return True, end
 
 
-def _records(data: bytes, pos: int) -> Iterator[Record | None]:
-    """The records from ``pos`` on; None (and stop) at the first torn or corrupt one."""
+def _records(data: bytes, pos: int) -> Iterator[tuple[Record | None, int]]:
+    """Each record from ``pos`` on, with where it ends; None and where it starts (then
+    stop) for the first torn or corrupt one. Zeros where a record header would be end
+    the records cleanly (init_zero), as the end of the file does."""
     end = len(data)
     while pos < end:
-        if end - pos < RECORD_HEADER.size:
-            yield None
+        header = data[pos : pos + RECORD_HEADER.size]
+        if header == ZERO_RECORD_HEADER[: len(header)]:
             return
-        length, crc, lsn, kind, _, _ = RECORD_HEADER.unpack_from(data, pos)
+        if len(header) < RECORD_HEADER.size:
+            yield None, pos
+            return
+        length, crc, lsn, kind, _, _ = RECORD_HEADER.unpack(header)
         body_at = pos + RECORD_HEADER.size
         if kind != TYPE_ROWS or body_at + length > end:
-            yield None
+            yield None, pos
             return
         body = data[body_at : body_at + length]
         if zlib.crc32(body, zlib.crc32(struct.pack(">QB", lsn, kind))) != crc:
-            yield None
+            yield None, pos
             return
         (key_len,) = struct.unpack_from(">H", body)
         key = body[2 : 2 + key_len].decode()
-        yield Record(lsn, key, body[2 + key_len :])
         pos = body_at + length
+        yield Record(lsn, key, body[2 + key_len :]), pos

@@ -251,6 +251,17 @@ SETTINGS: tuple[Setting, ...] = (
         "durability=log: the shard log starts a new segment file past this size.",
     ),
     Setting(
+        "log_init_zero",
+        "on",
+        "choice",
+        "durability=log: zero-fill each log segment file (and fdatasync it) before use, as "
+        "PostgreSQL's wal_init_zero does, so a flush overwrites blocks in place and commits "
+        "no file-system journal entry for a growing file. Costs --log-segment-bytes of "
+        "disk per shard for the next segment; off suits copy-on-write file systems (ZFS, "
+        "btrfs).",
+        choices=("on", "off"),
+    ),
+    Setting(
         "log_trim_bytes",
         defaults.DEFAULT_LOG_TRIM_BYTES,
         "size",
@@ -372,6 +383,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     checkpoint_wal_bytes: int = defaults.DEFAULT_CHECKPOINT_WAL_BYTES
     fsync_threads: int = defaults.DEFAULT_FSYNC_THREADS
     log_segment_bytes: int = defaults.DEFAULT_LOG_SEGMENT_BYTES
+    log_init_zero: str = "on"
     log_trim_bytes: int = defaults.DEFAULT_LOG_TRIM_BYTES
     log_checkpoint_interval: float = defaults.DEFAULT_LOG_CHECKPOINT_INTERVAL_S
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S
@@ -405,6 +417,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             checkpoint_wal_bytes=self.checkpoint_wal_bytes,
             fsync_threads=self.fsync_threads,
             log_segment_bytes=self.log_segment_bytes,
+            log_init_zero=self.log_init_zero == "on",
             log_trim_bytes=self.log_trim_bytes,
             log_checkpoint_interval_s=self.log_checkpoint_interval,
             call_timeout_s=self.call_timeout,

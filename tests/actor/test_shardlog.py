@@ -42,40 +42,78 @@ SEGMENT_BYTES = 4 * 1024
 
 
 class LogCut:
-    """Stands in for the ``os`` module inside the shard log: tracks synced sizes."""
+    """Stands in for the ``os`` module inside the shard log: tracks what was synced.
+
+    Per file (by inode: a spare becomes a segment under another name), the size at its
+    last fdatasync, and the old bytes under every in-place write since (init_zero
+    segments are overwritten, not appended to). A cut drops both: ``restore`` puts the
+    old bytes back and truncates to the synced size.
+    """
 
     def __init__(self) -> None:
         self.is_cut = False
-        self.durable: dict[str, int] = {}
+        self.durable: dict[int, int] = {}
+        self.unsynced: dict[int, list[tuple[int, bytes]]] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
+
+    def open(self, path: str, flags: int, mode: int = 0o777) -> int:
+        fd = os.open(path, flags, mode)
+        if flags & (os.O_TRUNC | os.O_EXCL):  # a new, empty file: nothing of it is synced
+            self._forget(os.fstat(fd).st_ino)
+        return fd
 
     def write(self, fd: int, data: Any) -> int:
         if self.is_cut:
             return len(data)  # the disk never gets it
         return os.write(fd, data)
 
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        if self.is_cut:
+            return len(data)
+        with open(f"/proc/self/fd/{fd}", "rb") as f:  # the log's own descriptor is write-only
+            f.seek(offset)
+            old = f.read(len(data))
+        self.unsynced.setdefault(os.fstat(fd).st_ino, []).append((offset, old))
+        return os.pwrite(fd, data, offset)
+
     def fdatasync(self, fd: int) -> None:
         if self.is_cut:
             return
         os.fdatasync(fd)
-        self.durable[os.readlink(f"/proc/self/fd/{fd}")] = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self.durable[st.st_ino] = st.st_size
+        self.unsynced.pop(st.st_ino, None)
 
     # After the cut nothing reaches the disk: not even the deletion of a segment that
     # the shutdown (still running in the test, unlike after a real power cut) trims.
     def unlink(self, path: str) -> None:
         if not self.is_cut:
+            inode = os.stat(path).st_ino
             os.unlink(path)
+            self._forget(inode)
 
     def replace(self, src: str, dst: str) -> None:
         if not self.is_cut:
             os.replace(src, dst)
 
+    def link(self, src: str, dst: str) -> None:
+        if not self.is_cut:
+            os.link(src, dst)
+
+    def _forget(self, inode: int) -> None:
+        self.durable.pop(inode, None)
+        self.unsynced.pop(inode, None)
+
     def restore(self, log_dir: Path) -> None:
         for segment in log_dir.glob("*.log"):
+            inode = segment.stat().st_ino
             with open(segment, "r+b") as f:
-                f.truncate(self.durable.get(str(segment), 0))
+                for offset, old in reversed(self.unsynced.get(inode, [])):
+                    f.seek(offset)
+                    f.write(old)
+                f.truncate(self.durable.get(inode, 0))
 
 
 class Harness:
@@ -85,7 +123,7 @@ class Harness:
         self.cut = cut
         self.schema_changes = True
         self.evict_some = True
-        # small segments: the log moves to new segments while writes are in flight
+        # small segments: the log moves to a new (zero-filled) segment within a seed
         self.config = ActorConfig(
             vfs=vfs.vfs_name, log_checkpoint_interval_s=0.05, log_segment_bytes=SEGMENT_BYTES
         )
@@ -132,6 +170,8 @@ async def run_until_cut(h: Harness, seed: int) -> Acked:
         # (keeping a started WAL beside the file) and reopened all the time
         h.config = msgspec.structs.replace(h.config, max_open_actors=2)
         writers = 3
+    if seed % 3 == 2:  # segments appended to, not zero-filled ahead (--log-init-zero off)
+        h.config = msgspec.structs.replace(h.config, log_init_zero=False)
     async with open_actor_pool(h.config, str(h.data), h.durability()) as pool:
         for key in keys:
             await pool.call(
@@ -351,6 +391,7 @@ async def test_the_log_stays_bounded_and_recovery_after_trimming_loses_nothing(
         harness.power_cut()
     harness.restore()
     assert stats["trimmed_segments"] > 0
+    assert stats["zero_filled_segments"] > 1  # segments after the first were prepared ahead
     assert biggest < 8 * 128 * 1024, f"the log grew to {biggest} bytes"
     async with open_actor_pool(ActorConfig(), str(harness.data)) as pool:
         present = set()
