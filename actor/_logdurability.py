@@ -40,13 +40,18 @@ from ._shardlog import LOG_DIR, Record, Recovered, ShardLog, encode_record, read
 
 log = logging.getLogger("shardlite.actor")
 
-CHECKPOINT_POLL_S = 1.0
+CHECKPOINT_POLL_S = 0.25
 SHIP_MAX_BYTES = 64 << 20
 """Records kept for a shard being moved before its written keys are copied whole instead."""
 SYNCFS_MIN = 16
 """From this many actor files to sync, the checkpointer calls syncfs(2) once instead."""
 SYNCFS_EVERY_S = 2.0
 """With many files to sync, the checkpointer runs (one syncfs) at least this often."""
+SYNCFS_SOONEST_S = 0.5
+SYNCFS_WRITES_PER_FILE = 4
+SYNCFS_MIN_WRITES = 4096
+"""A syncfs is due sooner, from SYNCFS_SOONEST_S on, once the logged writes since the
+last one reach SYNCFS_WRITES_PER_FILE per file it would cover (and SYNCFS_MIN_WRITES)."""
 SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
 SPARE_RETRY_S = 1.0
@@ -112,6 +117,7 @@ class _Shard:
         self.limiter = trio.CapacityLimiter(1)
         self.rounds = 0
         self.bytes = 0
+        self.records_since_syncfs = 0
         self.trimmed_segments = 0
         self.failures = 0
         self.syncfs_calls = 0
@@ -237,6 +243,7 @@ class LogDurability:
             return
         shard.buffer.append(encode_record(lsn, actor.key, record))
         shard.buffered_lsn = lsn
+        shard.records_since_syncfs += 1
         if shard.shipping is not None:
             self._ship(shard, actor.key, lsn, record)
         shard.unsynced.setdefault(actor, lsn)
@@ -435,9 +442,16 @@ class LogDurability:
             since = trio.current_time() - last
             due = since >= self.config.log_checkpoint_interval_s
             if self._syncfs_mode and len(shard.unsynced) >= SYNCFS_MIN:
-                # often: each syncfs then flushes a couple of seconds of writes, not 30 s
-                # of them at once (which held the log's own flush back for 100s of ms)
-                due = due or since >= SYNCFS_EVERY_S
+                # often: a syncfs's write-back is one burst that the log's own flushes
+                # queue behind (30 s of writes at once held them for 100s of ms; 2 s of
+                # writes at 1,000 keys, 5-25 ms). Sooner when the writes per file it would
+                # cover pile up (each is a WAL frame to write back); not sooner when they
+                # are few per file, since its bookkeeping on the loop is per file.
+                writes = shard.records_since_syncfs
+                many = max(SYNCFS_MIN_WRITES, SYNCFS_WRITES_PER_FILE * len(shard.unsynced))
+                due = (
+                    due or since >= SYNCFS_EVERY_S or (since >= SYNCFS_SOONEST_S and writes >= many)
+                )
             if not due and shard.log.size_bytes() < self.config.log_trim_bytes:
                 continue
             last = trio.current_time()
@@ -450,6 +464,7 @@ class LogDurability:
             # one syncfs instead of thousands of fdatasyncs: the disk does 1.5-3k flushes
             # a second, and the log's own flush must get most of them
             marks = [(a, a.last_lsn) for a in targets]
+            shard.records_since_syncfs = 0
             started = trio.current_time()
             try:
                 await trio.to_thread.run_sync(syncfs, shard.directory)
