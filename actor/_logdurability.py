@@ -378,7 +378,8 @@ class LogDurability:
 
     async def _run_spare_maker(self, shard: _Shard) -> None:
         """Zero-fill the log's next segment while the active one fills (init_zero), in a
-        thread beside the flusher's: moving to it then costs a round one header write."""
+        thread beside the flusher's, so that switching to it costs the flusher only the
+        write of its header."""
         while True:
             await shard.spare_wanted.wait()
             shard.spare_wanted = trio.Event()
