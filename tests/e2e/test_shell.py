@@ -202,7 +202,15 @@ class Terminal:
     def __init__(self, url: str, key: str) -> None:
         self.fd, child = pty.openpty()
         cmd = [sys.executable, "-m", "shardlite", "shell", key, "--url", url]
-        self.proc = subprocess.Popen(cmd, stdin=child, stdout=child, stderr=child)
+        # Ctrl-C as at a terminal, even when pytest runs with SIGINT ignored (a background
+        # job of a non-interactive shell does): an ignored signal stays ignored across
+        # exec, and Python then installs no KeyboardInterrupt handler. A handled one is
+        # reset to the default, so handle it here while the child starts.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=child, stdout=child, stderr=child)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         os.close(child)
 
     def read_until(self, text: str) -> str:
