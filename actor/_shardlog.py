@@ -106,7 +106,8 @@ def encode_record(lsn: int, key: str, payload: bytes) -> bytes:
 
 
 class ShardLog:
-    """The log files of one shard. Not thread-safe: one writer (the flusher) at a time."""
+    """The log files of one shard. One writer (the flusher) at a time; only
+    ``prepare_spare`` may run beside it, in another thread (a lock hands the spare over)."""
 
     def __init__(
         self, directory: str, segment_bytes: int = DEFAULT_SEGMENT_BYTES, *, init_zero: bool = False
