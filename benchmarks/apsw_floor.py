@@ -3,13 +3,13 @@
 One thread draws keys uniformly and runs ``BEGIN; INSERT; [UPDATE the LSN row]; COMMIT``
 on each key's file (the actor files the servers use, opened with the same pragmas and
 VFS: WAL, ``synchronous=NORMAL``, ``locking_mode=EXCLUSIVE``, no autocheckpoint). No
-network, no framing, no durability wait, no checkpoints: what SQLite alone costs per
-write on one core, which no server built on one file per key can beat. Every file's WAL
-is started (one write) before the warm-up, as the servers' opening pass does: the first
-commit into a new WAL syncs its header, even with synchronous=NORMAL. With more keys than
-the descriptor limit allows open, the least recently used file is closed to open the
-next, as the servers close it (checkpoint, start the next WAL, keep it: two closing
-threads beside the writer). Prints one JSON line."""
+network, no framing, no durability wait, no checkpoints but evictions': what SQLite
+alone costs per write on one core, which no server built on one file per key can beat.
+Every file's WAL is started (one write) before the warm-up, as the servers' opening pass
+does: the first commit into a new WAL syncs its header, even with synchronous=NORMAL.
+With more keys than the descriptor limit allows open, the least recently used file is
+closed to open the next, as the servers close it (checkpoint, start the next WAL, keep
+it: two closing threads beside the writer). Prints one JSON line."""
 
 from __future__ import annotations
 
