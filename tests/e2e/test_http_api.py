@@ -358,6 +358,8 @@ def test_metrics_is_prometheus_text_counting_requests_without_per_key_labels(
     assert "# TYPE shardlite_http_requests_total counter" in r.text
     assert sql_200_count() == before + 3
     assert key not in r.text
+    # the cyclic collector's passes per generation (full ones stop the event loop)
+    assert re.search(r'^python_gc_collections_total\{generation="2"\} [0-9.e+]+$', r.text, re.M)
 
 
 def test_metrics_has_the_log_flush_and_event_loop_lag_histograms(start_server: Any) -> None:
