@@ -19,6 +19,7 @@ from shardlite.loadtest._spec import parse_duration
 from shardlite.router import DirectoryUnavailable
 from shardlite.shards import (
     SETTINGS,
+    STARTUP_ERRORS,
     HostInfo,
     ServerInfo,
     default_procs,
@@ -26,6 +27,7 @@ from shardlite.shards import (
     run_supervisor,
     settings_from,
     settings_markdown,
+    startup_error,
 )
 from shardlite.shards._auth import (
     PERMS,
@@ -113,30 +115,12 @@ def serve(**values: Any) -> None:
 
     try:
         trio.run(run)
-    except (OSError, ValueError, RuntimeError, DirectoryUnavailable, BaseExceptionGroup) as exc:
-        reason = _startup_error(exc)
+    except (*STARTUP_ERRORS, BaseExceptionGroup) as exc:
+        reason = startup_error(exc)
         if reason is None:
             raise
         raise click.ClickException(f"cannot serve: {reason}") from None
     click.echo("shardlite stopped")
-
-
-STARTUP_ERRORS = (OSError, ValueError, RuntimeError, DirectoryUnavailable)
-"""Port in use, data directory locked, a bad directory URL, etcd unreachable, a shard
-process that would not start: one line, no traceback."""
-
-
-def _startup_error(exc: BaseException) -> BaseException | None:
-    """The reason behind a startup failure, out of the exception groups around it."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _startup_error(inner)
-            if found is not None:
-                return found
-        return None
-    if isinstance(exc, STARTUP_ERRORS):
-        return exc
-    return None
 
 
 F = TypeVar("F", bound=Callable[..., Any])

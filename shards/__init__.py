@@ -6,10 +6,11 @@ from ._routing import shard_dir
 from ._rpc import serve_rpc
 from ._server import ServerInfo, run_server
 from ._settings import SETTINGS, Setting, Settings, settings_from, settings_markdown
-from ._supervisor import HostInfo, default_procs, run_supervisor
+from ._supervisor import STARTUP_ERRORS, HostInfo, default_procs, run_supervisor, startup_error
 
 __all__ = [
     "SETTINGS",
+    "STARTUP_ERRORS",
     "HostInfo",
     "Metrics",
     "ServerInfo",
@@ -23,4 +24,5 @@ __all__ = [
     "settings_from",
     "settings_markdown",
     "shard_dir",
+    "startup_error",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import trio
 
-from shardlite.router import open_directory
+from shardlite.router import DirectoryUnavailable, open_directory
 
 from ._cluster import ensure_cluster, resolve_host_id
 from ._server import (
@@ -46,6 +46,9 @@ SETTINGS_ENV = "SHARDLITE_NODE_SETTINGS"
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
 HEALTHY_AFTER_S = 30.0
+STOP_GRACE_S = 10.0
+"""Past its --shutdown-timeout, how long a shard process may take to exit on SIGTERM
+before the supervisor kills it."""
 """A child that ran this long is healthy again: its next restart starts from the first
 backoff."""
 BACKLOG = 4096
@@ -193,27 +196,44 @@ class _Child:
             pass_fds=self.fds,
         )
         assert proc.stdout is not None and proc.stdin is not None
-        async with trio.open_nursery() as nursery:
-            line = await _read_line(proc.stdout)
-            if task_status is not None:
-                if not line:
-                    code = await proc.wait()
-                    raise RuntimeError(
-                        f"shard process {self.index} failed to start ({_exit_reason(code)})"
-                    )
-                task_status.started(msgspec.json.decode(line, type=ServerInfo))
-            nursery.start_soon(_drain, proc.stdout)
+        try:
+            async with trio.open_nursery() as nursery:
+                line = await _read_line(proc.stdout)
+                if task_status is not None:
+                    if not line:
+                        code = await proc.wait()
+                        raise RuntimeError(
+                            f"shard process {self.index} failed to start ({_exit_reason(code)})"
+                        )
+                    task_status.started(msgspec.json.decode(line, type=ServerInfo))
+                nursery.start_soon(_drain, proc.stdout)
 
-            async def stop_on(stop: trio.Event) -> None:
-                await stop.wait()
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
+                async def stop_on(stop: trio.Event) -> None:
+                    await stop.wait()
+                    if proc.returncode is None:
+                        proc.send_signal(signal.SIGTERM)
 
-            nursery.start_soon(stop_on, stopping)
-            code = await proc.wait()
-            nursery.cancel_scope.cancel()
+                nursery.start_soon(stop_on, stopping)
+                code = await proc.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            # Left early (a sibling failed to start, or the supervisor is cancelled): the
+            # child holds the data directory's lock, so it must not outlive us.
+            await self._stop(proc)
         await proc.stdin.aclose()
         return code
+
+    async def _stop(self, proc: trio.Process) -> None:
+        if proc.returncode is not None:
+            return
+        with trio.CancelScope(shield=True):
+            proc.send_signal(signal.SIGTERM)  # a child still starting gives up at once
+            with trio.move_on_after(self.settings.shutdown_timeout + STOP_GRACE_S):
+                await proc.wait()
+            if proc.returncode is None:
+                log.error("shard process %d did not stop on SIGTERM: killing it", self.index)
+                proc.kill()
+                await proc.wait()
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -235,6 +255,25 @@ def _exit_reason(code: int) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
+
+
+STARTUP_ERRORS = (OSError, ValueError, RuntimeError, DirectoryUnavailable)
+"""Port in use, data directory locked, a bad directory URL, etcd unreachable, a shard
+log that cannot be replayed, a shard process that would not start: one line, no
+traceback."""
+
+
+def startup_error(exc: BaseException) -> BaseException | None:
+    """The reason behind a startup failure, out of the exception groups around it."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = startup_error(inner)
+            if found is not None:
+                return found
+        return None
+    if isinstance(exc, STARTUP_ERRORS):
+        return exc
+    return None
 
 
 # ---------------------------------------------------------------------- the child side
@@ -261,11 +300,34 @@ def child_main() -> None:
                 nursery.cancel_scope.cancel()  # drained and closed: the orphan watch goes too
 
             nursery.start_soon(_stop_when_orphaned, stopping)
-            info = await nursery.start(serve)
+            with trio.CancelScope() as startup:
+                # told to stop (SIGTERM, or the supervisor gone) before it serves: give
+                # up at once. Waiting for peers that will never come would keep this
+                # process, and the data directory's lock, alive for ever.
+                nursery.start_soon(_cancel_when, stopping, startup)
+                info = await nursery.start(serve)
+            if startup.cancelled_caught:
+                log.warning("stopped before it served")
+                nursery.cancel_scope.cancel()
+                return
             sys.stdout.write(msgspec.json.encode(info).decode() + "\n")
             sys.stdout.flush()
+            started.append(True)
 
-    trio.run(main)
+    started: list[bool] = []
+    try:
+        trio.run(main)
+    except (*STARTUP_ERRORS, BaseExceptionGroup) as exc:
+        reason = startup_error(exc)
+        if started or reason is None:
+            raise  # a failure while serving keeps its traceback
+        log.error("cannot serve: %s", reason)  # the supervisor says which process failed
+        sys.exit(1)
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()  # nothing once the scope has exited
 
 
 async def _stop_when_orphaned(stopping: trio.Event) -> None:
