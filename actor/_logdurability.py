@@ -166,6 +166,14 @@ class LogDurability:
         )
         self.recovered_alarms[directory] = alarms
         self.recovered_records += recovered.count
+        for torn in recovered.torn_segments:
+            log.info(
+                "shard log %s: records end at byte %d with an incomplete record (a crash "
+                "during a write, never acknowledged); %d bytes after it ignored",
+                torn.path,
+                torn.offset,
+                torn.ignored_bytes,
+            )
         self.recovered_actors += replayed
         if recovered.count:
             log.info(

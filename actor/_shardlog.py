@@ -9,7 +9,9 @@ Format (docs/shardlog.md): ``DIR/epoch`` holds the current epoch; segments are
 All integers big-endian; ``crc32`` is zlib's. A record's LSN is ``epoch << 40 | seq``:
 the epoch is bumped, durably, every time a log is opened, so an LSN is never reused
 across restarts, even one an actor file holds while its record never reached the log.
-A torn or corrupt record ends a segment: everything after it was never acknowledged.
+A torn or corrupt record ends a segment. In a run's last segment (or after a failed
+write) that is a crash's torn tail, never acknowledged; in a segment the run completed
+it is damage, and the log refuses to open (``LogDamaged``, ``_check_tail``).
 
 With ``init_zero`` (the server's default, like PostgreSQL's ``wal_init_zero``) a segment
 file is zero-filled to its full size and fdatasync'ed before it is used, and records
@@ -53,8 +55,24 @@ ZERO_CHUNK = 1 << 20
 ZERO_RECORD_HEADER = bytes(RECORD_HEADER.size)
 
 
-class LogCorrupt(Exception):
-    """A segment header is not a shardlite log's (not a torn tail: a wrong file)."""
+class LogCorrupt(RuntimeError):
+    """A segment header is not a shardlite log's (not a torn tail: a wrong file). The
+    shard is not served (a startup error: one line, no traceback)."""
+
+
+class LogDamaged(LogCorrupt):
+    """Records a completed segment held can no longer be read: acknowledged writes are
+    missing from the log, and replaying the records after them would build actor
+    states that never existed."""
+
+
+@dataclass
+class TornSegment:
+    """Where a segment's readable records end before its end (a crash's torn tail)."""
+
+    path: str
+    offset: int
+    ignored_bytes: int  # after ``offset``, not counting a zero-filled segment's zeros
 
 
 @dataclass
@@ -71,6 +89,7 @@ class Recovered:
     records: dict[str, list[Record]] = field(default_factory=dict)
     count: int = 0
     torn: int = 0  # segments that ended in a torn or corrupt record
+    torn_segments: list[TornSegment] = field(default_factory=list)
 
 
 def read_log_epoch(shard_directory: str) -> int:
@@ -139,10 +158,20 @@ class ShardLog:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self.directory, name))
         recovered = Recovered()
+        torn: list[tuple[int, TornSegment]] = []  # with the LSN of the last record read
         for first, path in self._list_segments():
             self.segments.append((first, path))
-            whole, self._sizes[path] = _read_segment(path, recovered)
-            recovered.torn += not whole
+            whole, end, last = _read_segment(path, recovered)
+            self._sizes[path] = end
+            if not whole:
+                torn.append((last, TornSegment(path, end, _bytes_after(path, end))))
+        firsts = {path: (i, first) for i, (first, path) in enumerate(self.segments)}
+        for last, segment in torn:
+            i, first = firsts[segment.path]
+            following = self.segments[i + 1][0] if i + 1 < len(self.segments) else None
+            _check_tail(segment, first, last, following)
+            recovered.torn += 1
+            recovered.torn_segments.append(segment)
         self.epoch = self._bump_epoch()
         self._seq = 0
         self._written_lsn = self.epoch << SEQ_BITS
@@ -320,13 +349,51 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def _read_segment(path: str, into: Recovered) -> tuple[bool, int]:
+def _check_tail(torn: TornSegment, first: int, last: int, following: int | None) -> None:
+    """Raise :class:`LogDamaged` if records a completed segment held are unreadable.
+
+    A torn tail is a crash's (the round being written was never acknowledged) only in a
+    run's last segment. A segment followed by one of the same run (epoch) was completed:
+    the next starts one past its last record, after that record's round was fdatasync'ed.
+    A failed write also starts the next segment, but one past the last record written
+    *successfully*, so a failed round's torn records leave no gap.
+    """
+    if following is None or following >> SEQ_BITS != first >> SEQ_BITS:
+        return
+    if torn.offset < SEGMENT_HEADER.size:
+        return  # its header never made it: records go in only after it is durable
+    missing_from = max(last, first - 1) + 1
+    if following <= missing_from:
+        return
+    if last < first and following == first + 1:
+        return  # the segment's first write failed: the next one's first LSN moved past it
+    raise LogDamaged(
+        f"{torn.path} is damaged at byte {torn.offset} ({torn.ignored_bytes} bytes after it "
+        f"unreadable): it was completed (the next segment of the same run starts at LSN "
+        f"{following:#x}), so the records from LSN {missing_from:#x} to {following - 1:#x} "
+        "were acknowledged "
+        "and are lost. This shard's log is not replayed past a hole. Restore the shard "
+        "from a backup, or, to keep what the actor files hold and lose the writes that "
+        "only the log had, move this segment and every later one out of the log directory"
+    )
+
+
+def _bytes_after(path: str, end: int) -> int:
+    """Bytes of the segment after ``end`` that are not trailing zeros (at least 1)."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        rest = f.read()
+    return max(len(rest.rstrip(b"\0")), 1)
+
+
+def _read_segment(path: str, into: Recovered) -> tuple[bool, int, int]:
     """Add a segment's valid records to ``into``. Returns whether it ended cleanly (not
-    torn or corrupt), and where its records end."""
+    torn or corrupt), where its records end, and the LSN of its last one (its first LSN
+    - 1 if it has none)."""
     with open(path, "rb") as f:
         data = f.read()
     if len(data) < SEGMENT_HEADER.size:
-        return False, len(data)  # a segment whose header never made it: it holds nothing
+        return False, len(data), 0  # a segment whose header never made it: it holds nothing
     magic, version, _, first, _, crc = SEGMENT_HEADER.unpack_from(data)
     if magic != MAGIC or zlib.crc32(data[: SEGMENT_HEADER.size - 4]) != crc:
         raise LogCorrupt(f"{path} is not a shardlite log segment")
@@ -336,11 +403,11 @@ def _read_segment(path: str, into: Recovered) -> tuple[bool, int]:
     end = SEGMENT_HEADER.size
     for record, record_end in _records(data, end):
         if record is None or record.lsn <= last:
-            return False, end
+            return False, end, last
         last, end = record.lsn, record_end
         into.records.setdefault(record.key, []).append(record)
         into.count += 1
-    return True, end
+    return True, end, last
 
 
 def _records(data: bytes, pos: int) -> Iterator[tuple[Record | None, int]]:

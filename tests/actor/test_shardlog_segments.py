@@ -1,14 +1,21 @@
 """Shard log segments on disk: zero-filled segments (init_zero), their clean end, torn
-records inside them, and the spare that becomes the next segment (docs/shardlog.md)."""
+records inside them, damage to a completed segment, and the spare that becomes the next
+segment (docs/shardlog.md)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from shardlite.actor import _shardlog as shardlog_module
 from shardlite.actor._shardlog import (
     RECORD_HEADER,
     SEGMENT_HEADER,
+    LogDamaged,
     ShardLog,
     encode_record,
 )
@@ -125,4 +132,116 @@ def test_without_init_zero_segments_grow_as_records_are_appended(tmp_path: Path)
     log.close()
     again, payloads, torn = _reopen(tmp_path)
     assert payloads == {"k": [b"appended"]} and torn == 0
+    again.close()
+
+
+def _tear(segment: str, at: int, size: int) -> None:
+    """Zeros over ``size`` bytes of ``segment`` from ``at``: pages that never reached the disk."""
+    with open(segment, "r+b") as f:
+        f.seek(at)
+        f.write(bytes(size))
+
+
+def test_damage_inside_a_completed_segment_stops_the_log_from_opening(tmp_path: Path) -> None:
+    """A segment followed by one of the same run was completed: every record in it had
+    been fdatasync'ed and acknowledged. A record there that no longer reads is damage,
+    not a torn tail, and replaying the later records over the hole would build states
+    that never existed: opening fails, naming the segment and the LSNs lost."""
+    log = ShardLog(str(tmp_path), 512)
+    log.open()
+    sent = [_write(log, "k", bytes([i]) * 200) for i in range(9)]  # three per segment
+    segments = [path for _, path in log.segments]
+    assert len(segments) == 4  # three full ones and the active one
+    log.close()
+    # one bit of the second segment's first record flips on the disk
+    with open(segments[1], "r+b") as f:
+        f.seek(SEGMENT_HEADER.size + RECORD_HEADER.size + 10)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+
+    with pytest.raises(LogDamaged, match="acknowledged and are lost") as caught:
+        ShardLog(str(tmp_path), 512).open()
+    assert segments[1] in str(caught.value)
+    lost = [int.from_bytes(record[8:16], "big") for record in sent[3:6]]
+    assert f"from LSN {lost[0]:#x} to {lost[-1]:#x}" in str(caught.value)
+
+    # the remedy the message gives: move the damaged segment and every later one away
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for path in segments[1:]:
+        shutil.move(path, aside)
+    log, payloads, torn = _reopen(tmp_path)
+    assert payloads == {"k": [bytes([i]) * 200 for i in range(3)]} and torn == 0
+    log.close()
+
+
+def test_a_torn_tail_in_a_runs_last_segment_is_a_crash_not_damage(tmp_path: Path) -> None:
+    """The segment a run was writing when it crashed ends torn, and the next run starts
+    a segment of its own after it (a higher epoch): that is no hole."""
+    log = ShardLog(str(tmp_path), SEGMENT, init_zero=True)
+    log.open()
+    sent = [_write(log, "k", bytes([i]) * 100) for i in range(3)]
+    ((_, crashed),) = log.segments
+    log.close()
+    second = SEGMENT_HEADER.size + len(sent[0])
+    _tear(crashed, second + RECORD_HEADER.size, len(sent[1]) - RECORD_HEADER.size)
+    again, _, _ = _reopen(tmp_path)  # the next run, which writes on
+    _write(again, "k", b"next run")
+    again.close()
+
+    log, payloads, torn = _reopen(tmp_path)
+    assert payloads == {"k": [bytes([0]) * 100, b"next run"]}
+    assert torn == 1
+    recovered = ShardLog(str(tmp_path), SEGMENT).open()
+    (where,) = recovered.torn_segments
+    assert (where.path, where.offset) == (crashed, second)
+    assert where.ignored_bytes == len(sent[1]) + len(sent[2])  # the zeros after are not counted
+    log.close()
+
+
+class _FailingSync:
+    """``os`` for the log module, whose next fdatasync fails once armed."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def fdatasync(self, fd: int) -> None:
+        if self.armed:
+            self.armed = False
+            raise OSError(5, "Input/output error")
+        os.fdatasync(fd)
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["mid-segment", "first-write-of-a-segment"])
+def test_a_failed_writes_torn_records_are_not_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: bool
+) -> None:
+    """After a failed write the flusher starts the next segment one past the last record
+    written successfully: the failed round's records, torn in the old segment, were never
+    acknowledged, and leave no hole. When the failed write was a segment's first, the
+    next segment's first LSN moves one past the failed segment's."""
+    failing = _FailingSync()
+    monkeypatch.setattr(shardlog_module, "os", failing)
+    log = ShardLog(str(tmp_path), 512)
+    log.open()
+    kept = [_write(log, "k", b"a" * (500 if fresh else 100))]  # fresh: it fills the segment
+    failed_in = log.segments[-1][1]
+    assert len(log.segments) == (2 if fresh else 1)
+    at = os.path.getsize(failed_in)
+    lsn = log.reserve()
+    failing.armed = True
+    with pytest.raises(OSError):
+        log.write(encode_record(lsn, "k", b"never acknowledged" * 4), lsn)
+    log.start_segment()  # as the flusher does after a failed write
+    _write(log, "k", b"after the failure")
+    log.close()
+    _tear(failed_in, at + RECORD_HEADER.size, 20)  # the failed round never reached the disk
+
+    again, payloads, torn = _reopen(tmp_path)
+    assert payloads == {"k": [b"a" * (500 if fresh else 100), b"after the failure"]}
+    assert torn == 1 and len(kept) == 1
     again.close()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -95,3 +99,46 @@ def test_kill9_under_load_loses_no_acknowledged_write(
     half = {k: parts for k, parts in present.items() if parts != {"a", "b"}}
     assert not half, f"half-applied batches: {list(half.items())[:5]}"
     assert len(acked) >= ROUNDS * ACKS_PER_ROUND
+
+
+def test_a_damaged_log_segment_stops_serve_in_one_line_and_leaves_no_process(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """A record of a completed log segment that no longer reads (a flipped bit) means
+    acknowledged writes are missing from the log: `serve` refuses, in one line naming the
+    segment, and stops its other shard process too (it holds the data directory's lock).
+    The remedy the message gives, moving the segments aside, keeps what the files hold."""
+    args = ("--procs", "2", "--log-segment-bytes", "16KiB")
+    args += ("--log-checkpoint-interval", "1h", "--log-trim-bytes", "1GiB")  # nothing trimmed
+    server = start_server(*args)
+    keys = [f"damaged-{i}" for i in range(8)]
+    with shardlite.connect(server.rpc_url) as client:
+        for key in keys:
+            client.actor(key).sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+        for n in range(200):
+            client.actor(keys[n % len(keys)]).sql("INSERT INTO t(v) VALUES (?)", ["x" * 500])
+    server.kill()
+    segments = [sorted(log.glob("*.log")) for log in sorted(server.data.glob("shards/*/log"))]
+    damaged = next(s for s in segments if len(s) >= 2)  # its first one was completed
+    with open(damaged[0], "r+b") as f:
+        f.seek(32 + 20 + 5)  # inside the first record
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+
+    cmd = [sys.executable, "-m", "shardlite", "serve", "--data", str(server.data)]
+    cmd += ["--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1
+    assert f"{damaged[0]} is damaged at byte" in out.stderr
+    assert "acknowledged and are lost" in out.stderr and "Traceback" not in out.stderr
+
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for segment in damaged:
+        shutil.move(segment, aside)
+    # starts only if no shard process of the refused run still holds the lock
+    again = start_server(*args, data=server.data)
+    with shardlite.connect(again.rpc_url) as client:
+        rows = sum(client.actor(key).sql("SELECT count(*) FROM t").rows[0][0] for key in keys)
+    assert rows == 200  # a kill -9 leaves every write in the files
