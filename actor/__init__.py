@@ -77,7 +77,7 @@ from ._ops import (
     WorkflowList,
 )
 from ._pool import ActorPool, Waiter, open_actor_pool
-from ._shardlog import Record, raise_log_epoch, read_log_epoch
+from ._shardlog import Record, raise_log_epoch, read_log_epoch, verify_log
 from ._workflow import Workflow
 
 __all__ = [
@@ -165,5 +165,6 @@ __all__ = [
     "shard_of_path",
     "sync_directory",
     "validate_key",
+    "verify_log",
     "workflow",
 ]

@@ -199,9 +199,14 @@ async def verify(directory: Directory, nodes: Nodes, name: str | None) -> list[d
         try:
             result = await nodes.ask(owner_address(placement, shard), wire.VerifyShard(shard.id))
         except Exception as exc:  # a shard whose owner is down is reported, not skipped
-            row.update(checked=None, problems={}, error=str(exc))
+            row.update(checked=None, problems={}, log_problems={}, error=str(exc))
         else:
-            row.update(checked=result.checked, problems=result.problems, error=None)
+            row.update(
+                checked=result.checked,
+                problems=result.problems,
+                log_problems=result.log_problems,
+                error=None,
+            )
         rows.append(row)
     return rows
 

@@ -175,22 +175,27 @@ def split(shard: str, data: str, directory: str, as_json: bool) -> None:
 @click.argument("shard", required=False)
 @_common
 def verify(shard: str | None, data: str, directory: str, as_json: bool) -> None:
-    """integrity_check of every actor file (of SHARD, or of all shards); exit 1 on damage."""
+    """integrity_check of every actor file, and a read of the completed shard-log
+    segments (of SHARD, or of all shards); exit 1 on damage."""
     rows = _run(data, directory, lambda d, nodes: _backup.verify(d, nodes, shard))
     if as_json:
         _print_json(rows)
     else:
-        table = Table("shard", "owner", "actor files", "damaged", title="verify")
+        table = Table("shard", "owner", "actor files", "damaged", "log", title="verify")
         for row in rows:
-            damaged = "-" if row["checked"] is None else str(len(row["problems"]))
+            unknown = row["checked"] is None
+            damaged = "-" if unknown else str(len(row["problems"]))
+            log_state = "-" if unknown else "damaged" if row["log_problems"] else "ok"
             checked = row["error"] or str(row["checked"])
-            table.add_row(row["shard"], row["owner"], checked, damaged)
+            table.add_row(row["shard"], row["owner"], checked, damaged, log_state)
         console = Console()
         console.print(table)
         for row in rows:
             for key, problem in sorted(row["problems"].items()):
                 console.print(f"{row['shard']}: actor {key!r}: {problem}", markup=False)
-    if any(row["problems"] or row["error"] for row in rows):
+            for segment, problem in sorted(row["log_problems"].items()):
+                console.print(f"{row['shard']}: log segment {segment}: {problem}", markup=False)
+    if any(row["problems"] or row["log_problems"] or row["error"] for row in rows):
         raise SystemExit(1)
 
 

@@ -245,6 +245,7 @@ class Verified(msgspec.Struct, array_like=True):
     shard: str
     checked: int
     problems: dict[str, str]  # key -> what integrity_check (or opening) said
+    log_problems: dict[str, str] = msgspec.field(default_factory=dict)  # segment -> damage
 
 
 class Upload(msgspec.Struct, tag="upload", array_like=True, frozen=True):

@@ -47,6 +47,7 @@ from shardlite.actor import (
     resolve_actor_path,
     sha256_file,
     sync_directory,
+    verify_log,
 )
 from shardlite.router import DirectoryUnavailable, ForwardWaiter, wire
 
@@ -466,8 +467,8 @@ class Admin:
             problem = await self.pool.verify(key)
             if problem:
                 problems[key] = problem
-        del directory
-        return wire.Verified(op.shard, len(keys), problems)
+        log_problems = await trio.to_thread.run_sync(verify_log, directory)
+        return wire.Verified(op.shard, len(keys), problems, log_problems)
 
     async def _upload(self, op: wire.Upload) -> wire.Done:
         path = self._upload_path(op.id)

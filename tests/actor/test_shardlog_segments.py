@@ -18,6 +18,7 @@ from shardlite.actor._shardlog import (
     LogDamaged,
     ShardLog,
     encode_record,
+    verify_log,
 )
 
 SEGMENT = 8 * 1024
@@ -245,3 +246,19 @@ def test_a_failed_writes_torn_records_are_not_damage(
     assert payloads == {"k": [b"a" * (500 if fresh else 100), b"after the failure"]}
     assert torn == 1 and len(kept) == 1
     again.close()
+
+
+def test_verify_log_reports_damage_in_completed_segments_only(tmp_path: Path) -> None:
+    log_dir = tmp_path / "log"
+    log = ShardLog(str(log_dir), 512)
+    log.open()
+    sent = [_write(log, "k", bytes([i]) * 200) for i in range(4)]  # three fill the first
+    completed, active = (path for _, path in log.segments)
+    assert verify_log(str(tmp_path)) == {}
+    _tear(active, SEGMENT_HEADER.size + RECORD_HEADER.size, 10)  # being written: no damage
+    assert verify_log(str(tmp_path)) == {}
+    _tear(completed, SEGMENT_HEADER.size + len(sent[0]) + RECORD_HEADER.size, 10)
+    assert list(verify_log(str(tmp_path))) == [os.path.basename(completed)]
+    assert "acknowledged and are lost" in verify_log(str(tmp_path))[os.path.basename(completed)]
+    log.close()
+    assert verify_log(str(tmp_path / "no such shard")) == {}

@@ -101,6 +101,7 @@ def test_verify_reports_a_corrupted_file_without_crashing(
     data = tmp_path / "data"
     out = json.loads(ops(data, "verify", "--json").stdout)
     assert out[0]["checked"] == len(KEYS) and out[0]["problems"] == {}
+    assert out[0]["log_problems"] == {}
     filled.terminate()
     victim = next(p for p in (data / "shards" / "shard-00").rglob("bk-7.db"))
     raw = bytearray(victim.read_bytes())
@@ -113,3 +114,32 @@ def test_verify_reports_a_corrupted_file_without_crashing(
     report = json.loads(ops(data, "verify", "--json", check=False).stdout)
     assert list(report[0]["problems"]) == ["bk-7"]
     assert rows(server.rpc_url, KEYS[8]) == [[KEYS[8]]]  # the others still serve
+
+
+def test_verify_reads_the_completed_log_segments_of_a_running_shard(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """Damage in a log segment the shard completed would stop the next start (recovery
+    does not replay past a hole): verify finds it while the shard still serves."""
+    server = start_server(
+        *("--procs", "1", "--shards", "1", "--log-segment-bytes", "16KiB"),
+        *("--log-checkpoint-interval", "1h", "--log-trim-bytes", "1GiB"),  # nothing trimmed
+    )
+    with shardlite.connect(server.rpc_url) as client:
+        client.actor("logged").sql("CREATE TABLE t (v TEXT)")
+        for _ in range(100):
+            client.actor("logged").sql("INSERT INTO t VALUES (?)", ["x" * 500])
+    data = tmp_path / "data"
+    assert json.loads(ops(data, "verify", "--json").stdout)[0]["log_problems"] == {}
+    completed = sorted((data / "shards" / "shard-00" / "log").glob("*.log"))[0]
+    raw = bytearray(completed.read_bytes())
+    raw[32 + 20 + 5] ^= 0x01  # inside its first record
+    completed.write_bytes(bytes(raw))
+
+    bad = ops(data, "verify", check=False)
+    assert bad.returncode == 1, bad.stdout
+    assert f"log segment {completed.name}:" in bad.stdout and "damaged" in bad.stdout
+    report = json.loads(ops(data, "verify", "--json", check=False).stdout)
+    assert list(report[0]["log_problems"]) == [completed.name]
+    assert report[0]["problems"] == {}  # the actor file itself is fine
+    assert rows(server.rpc_url, "logged")[0] == ["x" * 500]  # and it still serves
