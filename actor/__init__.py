@@ -48,7 +48,7 @@ from ._keys import (
     resolve_actor_path,
     validate_key,
 )
-from ._logdurability import LogDurability, replay_file
+from ._logdurability import LogDurability
 from ._ops import (
     Batch,
     BatchResult,
@@ -77,6 +77,7 @@ from ._ops import (
     WorkflowList,
 )
 from ._pool import ActorPool, Waiter, open_actor_pool
+from ._recovery import replay_file
 from ._shardlog import Record, raise_log_epoch, read_log_epoch, verify_log
 from ._workflow import Workflow
 

@@ -25,8 +25,9 @@ import trio
 from ._actor import Actor, Call, deliver, sync_directory
 from ._config import ActorConfig, Durability
 from ._errors import Error, Internal
-from ._logdurability import LogDurability, drain_shard_log
+from ._logdurability import LogDurability
 from ._ops import Result
+from ._recovery import drain_shard_log
 from ._shardlog import read_log_epoch
 
 log = logging.getLogger("shardlite.actor")

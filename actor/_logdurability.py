@@ -19,24 +19,20 @@ yet durable in its file are deleted.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from collections.abc import Callable
 from typing import Any
 
-import apsw
 import trio
 import trio.lowlevel
 
 from ._actor import Actor, Call, deliver, sync_directory
-from ._capture import ReplayError, apply_record, load_tables
 from ._config import ActorConfig
-from ._connection import LSN_GET, LSN_SET, open_actor_db
 from ._errors import Error, Internal
-from ._keys import resolve_actor_path
 from ._ops import Result
-from ._shardlog import LOG_DIR, Record, Recovered, ShardLog, encode_record, read_log_epoch
+from ._recovery import HAVE_SYNCFS, replay_shard, syncfs
+from ._shardlog import LOG_DIR, ShardLog, encode_record, read_log_epoch
 
 log = logging.getLogger("shardlite.actor")
 
@@ -56,34 +52,6 @@ SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
 SPARE_RETRY_S = 1.0
 """After a failed zero-fill of the next log segment (init_zero), wait this long."""
-
-
-def _load_syncfs() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_syncfs = _load_syncfs()
-HAVE_SYNCFS = _syncfs is not None
-
-
-def syncfs(directory: str) -> None:
-    """syncfs(2) on the file system holding ``directory``: every file's written data and
-    metadata there reach the disk, with one flush. Blocking."""
-    assert _syncfs is not None
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs({directory}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def sync_wal(actor: Actor) -> None:
@@ -535,92 +503,4 @@ class LogDurability:
         }
 
 
-def drain_shard_log(directory: str, config: ActorConfig) -> dict[str, float | None]:
-    """For a shard that will not use its log (durability os/fsync): replay what it holds
-    into the actor files, then delete its segments (the epoch file stays: LSNs must keep
-    growing if the shard goes back to durability=log). Blocking."""
-    log_dir = os.path.join(directory, LOG_DIR)
-    if not os.path.isdir(log_dir):
-        return {}
-    shard_log = ShardLog(log_dir, config.log_segment_bytes)
-    recovered = shard_log.open()
-    try:
-        _, alarms = replay_shard(directory, recovered, config)
-        shard_log.trim(shard_log.next_lsn())
-    finally:
-        shard_log.close()
-    return alarms
-
-
-def replay_shard(
-    directory: str, recovered: Recovered, config: ActorConfig
-) -> tuple[int, dict[str, float | None]]:
-    """Bring every actor file of the shard up to the log. Blocking: runs before serving.
-
-    For each key with records: open its file (a missing file was deleted: its records
-    are moot), apply the records past the LSN it holds, in one transaction, with
-    triggers and foreign keys off (the records hold their effects) and DEFENSIVE off (the
-    records may write FTS5 shadow tables), then checkpoint and close: the file is now
-    durable on its own and those records will never be needed again.
-
-    Returns how many files were brought up to date, and the next alarm time of every
-    file opened that has an alarms table (the alarm index may have missed those).
-    """
-    replayed = 0
-    alarms: dict[str, float | None] = {}
-    for key, records in recovered.records.items():
-        try:
-            path = resolve_actor_path(directory, key)
-        except Error:
-            log.error("shard log %s: record for an invalid key %r skipped", directory, key)
-            continue
-        if not os.path.exists(path):
-            continue
-        try:
-            replayed += replay_file(path, key, records, config, alarms)
-        except (apsw.Error, ReplayError, Error) as exc:
-            # one damaged file must not keep the whole shard from serving: its actor
-            # fails to open (and `ops verify` reports it); the others recover
-            log.error("shard log %s: actor %r not recovered: %s", directory, key, exc)
-    return replayed, alarms
-
-
-def replay_file(
-    path: str, key: str, records: list[Record], config: ActorConfig, alarms: dict[str, float | None]
-) -> int:
-    conn, auth = open_actor_db(path, key, config, create=False)
-    try:
-        auth.trusted = True
-        file_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
-        todo = [r for r in records if r.lsn > file_lsn]
-        if not todo:
-            _note_alarms(conn, key, alarms)
-            return 0
-        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
-        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
-        conn.pragma("foreign_keys", False)
-        tables = load_tables(conn)
-        with conn:
-            for record in todo:
-                try:
-                    apply_record(conn, tables, record.payload)
-                except (apsw.Error, ReplayError) as exc:
-                    raise ReplayError(
-                        f"actor {key!r}: log record {record.lsn:#x} does not apply ({exc}); "
-                        "the file or the log is damaged"
-                    ) from exc
-            conn.execute(LSN_SET, (todo[-1].lsn,))
-        conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
-        _note_alarms(conn, key, alarms)
-        return 1
-    finally:
-        conn.close()
-
-
-def _note_alarms(conn: apsw.Connection, key: str, into: dict[str, float | None]) -> None:
-    if conn.table_exists("main", "_shardlite_alarms"):
-        at = conn.execute("SELECT min(at) FROM _shardlite_alarms").fetchall()[0][0]
-        into[key] = None if at is None else float(at)
-
-
-__all__ = ["LogDurability", "drain_shard_log", "replay_file", "replay_shard", "sync_wal"]
+__all__ = ["LogDurability", "sync_wal"]

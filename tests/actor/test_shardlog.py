@@ -18,6 +18,7 @@ import msgspec
 import pytest
 import trio
 
+import shardlite.actor._recovery as recovery_module
 import shardlite.actor._shardlog as shardlog_module
 from shardlite.actor import (
     Actor,
@@ -31,6 +32,7 @@ from shardlite.actor import (
     Statement,
     open_actor_pool,
 )
+from shardlite.actor._recovery import syncfs
 
 from .conftest import PowerCutVFS
 
@@ -476,3 +478,36 @@ def test_records_reserved_before_a_segment_switch_are_read_back_from_the_next_se
     again.close()
     assert [r.payload for r in recovered.records["k"]] == [b"a" * 300, b"b", b"c"]
     assert recovered.torn == 0
+
+
+async def test_recovery_makes_the_replayed_files_durable_with_one_syncfs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery replays what each file lacks, keeps each WAL as it is, and then makes
+    them all durable with one syncfs, not with a checkpoint (two fsyncs) per file."""
+    config = ActorConfig(log_checkpoint_interval_s=3600)
+    keys = [f"rec-{i}" for i in range(20)]
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        for key in keys:
+            await pool.call(key, Sql("CREATE TABLE t(v)"))
+    files = {}
+    for key in keys:
+        (path,) = tmp_path.rglob(f"{key}.db")
+        files[key] = (path, path.read_bytes())  # each file before its INSERT
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        for key in keys:
+            await pool.call(key, Sql("INSERT INTO t VALUES (?)", [key]))
+    for path, before in files.values():  # the files lose the INSERT; the log keeps it
+        path.write_bytes(before)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+    synced = []
+    monkeypatch.setattr(recovery_module, "syncfs", lambda d: synced.append(d) or syncfs(d))
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        assert synced == [str(tmp_path)]
+        assert pool.durability.recovered_actors == len(keys)
+        for path, _ in files.values():  # replayed into the WAL, not checkpointed
+            assert os.path.getsize(f"{path}-wal") > 0
+        for key in keys:
+            assert (await pool.call(key, Sql("SELECT v FROM t"))).rows == [(key,)]
