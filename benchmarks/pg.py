@@ -89,17 +89,29 @@ class Cluster(PostgresServer):
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def pgbench(self, keys: int, clients: int, seconds: float, lead: float) -> dict[str, Any]:
-        """One pgbench run; figures over [start + lead, start + lead + seconds]."""
-        run_dir = tempfile.mkdtemp(prefix="pgbench-", dir=self.dir)
+    def _pgbench_cmd(self, keys: int, clients: int, seconds: float, run_dir: str) -> list[str]:
         script = os.path.join(run_dir, "insert.sql")
         with open(script, "w") as f:
             f.write(SCRIPT.format(keys=keys))
-        total = lead + seconds + 1.0
         cmd = ["taskset", "-c", LOAD_CPU, find("pgbench") or "pgbench", "-n", "-M", "prepared"]
         cmd += ["-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres"]
-        cmd += ["-c", str(clients), "-j", "1", "-T", str(round(total))]
-        cmd += ["-f", script, "-l", "--log-prefix", os.path.join(run_dir, "tx"), "bench"]
+        cmd += ["-c", str(clients), "-j", "1", "-T", str(round(seconds))]
+        return [*cmd, "-f", script, "bench"]
+
+    def start_load(self, keys: int, clients: int, seconds: float) -> subprocess.Popen[str]:
+        """pgbench inserting for ``seconds``, in the background, logging nothing."""
+        run_dir = tempfile.mkdtemp(prefix="pgbench-", dir=self.dir)
+        cmd = self._pgbench_cmd(keys, clients, seconds, run_dir)
+        return subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+        )
+
+    def pgbench(self, keys: int, clients: int, seconds: float, lead: float) -> dict[str, Any]:
+        """One pgbench run; figures over [start + lead, start + lead + seconds]."""
+        run_dir = tempfile.mkdtemp(prefix="pgbench-", dir=self.dir)
+        total = lead + seconds + 1.0
+        cmd = self._pgbench_cmd(keys, clients, total, run_dir)
+        cmd[-1:-1] = ["-l", "--log-prefix", os.path.join(run_dir, "tx")]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             start = time.time()

@@ -18,6 +18,7 @@ from . import (
     bench_inprocess,
     bench_loadtest,
     bench_moves,
+    bench_recovery,
     bench_router,
     bench_rpc,
 )
@@ -30,6 +31,7 @@ SECTION_MODULES = (
     bench_router,
     bench_http,
     bench_coldstart,
+    bench_recovery,
     bench_actors,
     bench_loadtest,
     bench_auth,

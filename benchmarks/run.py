@@ -3,7 +3,8 @@
     python -m benchmarks [section ...] [--quick] [--runs N] [--write | --no-write]
     python benchmarks/run.py ...
 
-Sections: inprocess, rpc, durable, router, http, coldstart, actors, loadtest, auth, moves
+Sections: inprocess, rpc, durable, router, http, coldstart, recovery, actors, loadtest, auth,
+moves
 (default: all, in that order).
 ``--quick`` is a smoke run of a few seconds per section; it leaves docs/benchmarks.md
 alone unless ``--write`` is given.
