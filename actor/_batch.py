@@ -286,7 +286,11 @@ class StatementRunner:
 
     def _commit(self) -> None:
         self.durability.before_commit(self._me)  # durability=log: the batch's LSN and record
-        self._internal(_COMMIT)
+        try:
+            self._internal(_COMMIT)
+        except apsw.Error:
+            self.durability.commit_failed(self._me)
+            raise
 
     def run_own_transaction(self, fn: Callable[[], None]) -> Error | None:
         """Run ``fn`` (a migration) in a transaction of its own, committed through the

@@ -71,6 +71,10 @@ class DurabilityPolicy(Protocol):
     def before_commit(self, actor: Actor) -> None:
         """Inside the batch's transaction, just before COMMIT."""
 
+    def commit_failed(self, actor: Actor) -> None:
+        """COMMIT failed after :meth:`before_commit` (a full disk, an I/O error): the
+        transaction is not in the file, and the client is told so."""
+
     def rolled_back(self, actor: Actor) -> None:
         """The open transaction was rolled back."""
 
@@ -132,6 +136,9 @@ class _PerFileDurability:
         pass
 
     def before_commit(self, actor: Actor) -> None:
+        pass
+
+    def commit_failed(self, actor: Actor) -> None:
         pass
 
     def rolled_back(self, actor: Actor) -> None:

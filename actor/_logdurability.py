@@ -113,6 +113,9 @@ class LogDurability:
         """Per shard: the next alarm of every file recovery opened (for the alarm index)."""
         self.before_trim: Callable[[str], None] | None = None
         """Blocking, before the log of a shard is trimmed (the alarm index's sync)."""
+        self._appended: tuple[Actor, int, int, int, bool] | None = None
+        """What the last before_commit changed: (actor, its LSN, the actor's last LSN and
+        the shard's buffered LSN before it, whether it made the actor unsynced)."""
         self.observe_flush: Callable[[float], None] | None = None
         """Given each flush round's seconds, from its start until its records are durable
         (the shard server's histogram)."""
@@ -210,6 +213,13 @@ class LogDurability:
         lsn = shard.log.reserve()
         record = None if actor.schema_changed else actor.take_record()
         actor.write_lsn(lsn)  # not captured: replay writes the LSN of the last record
+        self._appended = (
+            actor,
+            lsn,
+            actor.last_lsn,
+            shard.buffered_lsn,
+            actor not in shard.unsynced,
+        )
         actor.last_lsn = lsn
         if record is None:
             capture.reset()
@@ -224,6 +234,25 @@ class LogDurability:
             self._ship(shard, actor.key, lsn, record)
         shard.unsynced.setdefault(actor, lsn)
         shard.wake.set()
+
+    def commit_failed(self, actor: Actor) -> None:
+        """Take back the record :meth:`before_commit` buffered: recovery would apply a
+        write the client was told had failed. It is still the buffer's last (COMMIT
+        follows at once, and the flusher takes the buffer only between batches)."""
+        appended, self._appended = self._appended, None
+        shard = actor.log_shard
+        if appended is None or appended[0] is not actor or shard is None:
+            return
+        _, lsn, last_lsn, buffered_lsn, new_unsynced = appended
+        actor.last_lsn = last_lsn  # its replies (errors) wait for nothing of it
+        if shard.shipping is not None:
+            shard.shipping[actor.key] = None  # copied whole instead
+        if shard.buffer and shard.buffered_lsn == lsn:
+            shard.buffer.pop()
+            shard.buffered_lsn = buffered_lsn
+            shard.records_since_syncfs -= 1
+            if new_unsynced:
+                shard.unsynced.pop(actor, None)
 
     def committed(
         self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool

@@ -37,7 +37,8 @@ def map_error(exc: apsw.Error, auth: Authorizer | None) -> Error:
         return TooLarge(f"{message} (a string, blob or statement is over the configured limit)")
     if isinstance(exc, apsw.FullError):
         return QuotaExceeded(
-            "the actor's database reached its size quota; delete data to write again"
+            "no room to write: the actor's database reached its size quota (delete data to "
+            "write again), or the server's disk is full"
         )
     if isinstance(exc, (apsw.BindingsError, apsw.RangeError)):
         return BadRequest(f"bad parameters: {message}")

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+import apsw
 import msgspec
 import pytest
 import trio
@@ -24,6 +25,7 @@ from shardlite.actor import (
     Actor,
     ActorConfig,
     Batch,
+    Error,
     KvGet,
     KvPut,
     LogDurability,
@@ -511,3 +513,52 @@ async def test_recovery_makes_the_replayed_files_durable_with_one_syncfs(
             assert os.path.getsize(f"{path}-wal") > 0
         for key in keys:
             assert (await pool.call(key, Sql("SELECT v FROM t"))).rows == [(key,)]
+
+
+class _DiskFullVFS(apsw.VFS):
+    """Writes to a WAL fail with SQLITE_FULL while ``full`` is set."""
+
+    def __init__(self, name: str) -> None:
+        self.vfs_name = name
+        self.full = False
+        super().__init__(name, "")
+
+    def xOpen(self, name: Any, flags: list[int]) -> apsw.VFSFile:
+        return _DiskFullFile(self, name, flags)
+
+
+class _DiskFullFile(apsw.VFSFile):
+    def __init__(self, vfs: _DiskFullVFS, name: Any, flags: list[int]) -> None:
+        self._vfs = vfs
+        path = name.filename() if isinstance(name, apsw.URIFilename) else name
+        self._wal = str(path).endswith("-wal")
+        super().__init__("", name, flags)
+
+    def xWrite(self, data: bytes, offset: int) -> None:
+        if self._vfs.full and self._wal:
+            raise apsw.FullError("the disk is full (test)")
+        super().xWrite(data, offset)
+
+
+async def test_a_commit_that_fails_leaves_no_record_for_recovery_to_replay(tmp_path: Path) -> None:
+    """COMMIT can fail after the batch's record was put in the log's buffer (a full disk
+    when the WAL is written): the client is told the write failed, so the record must
+    not reach the log, or recovery would apply the write the client saw fail."""
+    vfs = _DiskFullVFS(f"diskfull-{os.getpid()}")
+    config = ActorConfig(vfs=vfs.vfs_name, log_checkpoint_interval_s=3600)
+    try:
+        async with open_actor_pool(config, str(tmp_path)) as pool:
+            await pool.call("k", Sql("CREATE TABLE t(v)"))
+            await pool.call("k", Sql("INSERT INTO t VALUES (1)"))
+            vfs.full = True
+            with pytest.raises(Error):  # 507, as for a full quota
+                await pool.call("k", Sql("INSERT INTO t VALUES (2)"))
+            vfs.full = False
+            assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [(1,)]
+            await pool.call("other", Sql("CREATE TABLE t(v)"))  # the shard's log goes on
+            await pool.call("other", Sql("INSERT INTO t VALUES (3)"))
+        async with open_actor_pool(config, str(tmp_path)) as pool:  # recovery
+            assert (await pool.call("k", Sql("SELECT v FROM t"))).rows == [(1,)]
+            assert (await pool.call("other", Sql("SELECT v FROM t"))).rows == [(3,)]
+    finally:
+        vfs.unregister()
