@@ -528,7 +528,9 @@ class LogDurability:
             "syncfs_calls": sum(s.syncfs_calls for s in shards),
             "failures": sum(s.failures for s in shards),
             "unsynced_actors": sum(len(s.unsynced) for s in shards),
+            "log_bytes": sum(s.log.size_bytes() for s in shards),
             "recovered_records": self.recovered_records,
+            "recovered_actors": self.recovered_actors,
         }
 
 

@@ -188,12 +188,34 @@ class _PoolCollector(Collector):
                     dur["trimmed_segments"],
                 ),
                 ("shardlite_log_failures", "Failed shard log writes.", dur["failures"]),
+                (
+                    "shardlite_log_syncfs",
+                    "syncfs calls of the log checkpointer (each makes many actor files durable).",
+                    dur["syncfs_calls"],
+                ),
+                (
+                    "shardlite_log_recovered_records",
+                    "Records the shard logs held when their shards were attached (read by "
+                    "recovery).",
+                    dur["recovered_records"],
+                ),
+                (
+                    "shardlite_log_recovered_actors",
+                    "Actor files recovery brought up to date from a shard log.",
+                    dur["recovered_actors"],
+                ),
             ):
                 yield CounterMetricFamily(name, help_text, value)
             yield GaugeMetricFamily(
                 "shardlite_log_unsynced_actors",
                 "Actors with logged writes not yet durable in their own file.",
                 dur["unsynced_actors"],
+            )
+            yield GaugeMetricFamily(
+                "shardlite_log_size_bytes",
+                "Bytes of records in the shard logs: what a restart would read (trimming "
+                "keeps it near --log-trim-bytes).",
+                dur["log_bytes"],
             )
         app = s.get("app")
         if app is not None:

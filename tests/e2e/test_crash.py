@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
@@ -142,3 +144,26 @@ def test_a_damaged_log_segment_stops_serve_in_one_line_and_leaves_no_process(
     with shardlite.connect(again.rpc_url) as client:
         rows = sum(client.actor(key).sql("SELECT count(*) FROM t").rows[0][0] for key in keys)
     assert rows == 200  # a kill -9 leaves every write in the files
+
+
+def test_a_restart_after_a_kill_reports_what_recovery_read_in_metrics(start_server: Any) -> None:
+    server = start_server("--procs", "1", "--shards", "1")
+    with shardlite.connect(server.rpc_url) as client:
+        client.actor("counted").sql("CREATE TABLE t(v)")
+        for i in range(50):
+            client.actor("counted").sql("INSERT INTO t VALUES (?)", [i])
+    server.kill()
+    again = start_server("--procs", "1", "--shards", "1", data=server.data)
+    text = httpx.get(f"{again.http_url}/metrics").text
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+        assert m, name
+        return float(m.group(1))
+
+    assert value("shardlite_log_recovered_records_total") >= 50  # the log's active segment
+    assert value("shardlite_log_recovered_actors_total") == 0  # a kill -9 loses no file write
+    assert value("shardlite_log_size_bytes") > 0
+    assert re.search(r"^shardlite_log_syncfs_total [0-9]", text, re.M)
+    with shardlite.connect(again.rpc_url) as client:
+        assert client.actor("counted").sql("SELECT count(*) FROM t").rows == [(50,)]
