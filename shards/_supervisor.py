@@ -46,11 +46,11 @@ SETTINGS_ENV = "SHARDLITE_NODE_SETTINGS"
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 10.0
 HEALTHY_AFTER_S = 30.0
+"""A child that ran this long is healthy again: its next restart starts from the first
+backoff."""
 STOP_GRACE_S = 10.0
 """Past its --shutdown-timeout, how long a shard process may take to exit on SIGTERM
 before the supervisor kills it."""
-"""A child that ran this long is healthy again: its next restart starts from the first
-backoff."""
 BACKLOG = 4096
 
 
