@@ -81,9 +81,19 @@ def remove_actor_files(path: str) -> bool:
 
 
 def next_alarm_of_file(path: str) -> float | None:
-    """The time of the next alarm a closed actor file holds (None: none, or unreadable)."""
+    """The time of the next alarm a closed actor file holds (None: none, or unreadable).
+
+    A WAL beside it is read too (an immutable open ignores it): a file closed without a
+    checkpoint (after crash recovery, or a crash) may hold its last writes only there.
+    Nothing is written, and the close leaves the WAL as it is; without a WAL (a staged
+    copy) the open is immutable, and makes no file beside it. Blocking."""
     try:
-        conn = _open_immutable(path)
+        if not os.path.exists(path + "-wal"):
+            conn = _open_immutable(path)
+        else:
+            conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE)
+            conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+            conn.pragma("locking_mode", "EXCLUSIVE")  # as the actor opens it: no -shm file
     except apsw.Error:
         return None
     try:

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import apsw
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from shardlite.actor import (
     KvList,
     KvPut,
     Sql,
+    next_alarm_of_file,
     open_actor_pool,
     resolve_actor_path,
 )
@@ -173,3 +175,28 @@ async def test_catch_up_ships_records_not_files(pool: ActorPool, tmp_path: Path)
     records, whole = pool.take_written(src)
     assert records == {} and whole == ["a", "b"]
     pool.untrack_writes(src)
+
+
+def test_the_next_alarm_of_a_closed_file_counts_what_only_its_wal_holds(tmp_path: Path) -> None:
+    """A file closed without a checkpoint (crash recovery keeps the WALs) may hold its
+    last alarm change only in its WAL; a split reads the alarm of each file it moves."""
+    path = str(tmp_path / "closed.db")
+    conn = apsw.Connection(path)
+    assert conn.pragma("locking_mode", "EXCLUSIVE") == "exclusive"  # as actors: no -shm
+    assert conn.pragma("journal_mode", "WAL") == "wal"
+    conn.execute("CREATE TABLE _shardlite_alarms(at REAL)")
+    conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)  # the table is in the file
+    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    conn.execute("INSERT INTO _shardlite_alarms VALUES (1234.5)")  # only in the WAL
+    conn.close()
+    wal = os.path.getsize(path + "-wal")
+    assert wal > 0
+    assert next_alarm_of_file(path) == 1234.5
+    assert os.path.getsize(path + "-wal") == wal and not os.path.exists(path + "-shm")
+    assert next_alarm_of_file(str(tmp_path / "missing.db")) is None
+    conn = apsw.Connection(path)  # checkpointed and closed: a bare file, as a staged copy
+    conn.execute("SELECT count(*) FROM _shardlite_alarms").fetchall()
+    conn.close()
+    assert not os.path.exists(path + "-wal")
+    assert next_alarm_of_file(path) == 1234.5
+    assert not os.path.exists(path + "-wal")  # reading it made nothing beside it
