@@ -200,11 +200,18 @@ class Actor(StatementRunner):
             auth.trusted = False
 
     def checkpoint_blocking(self) -> None:
-        """Copy the WAL into the database and truncate it, then start the next WAL
-        (:meth:`_start_wal`). Blocking: worker thread."""
+        """Copy the WAL into the database, then start the next WAL (:meth:`_start_wal`)
+        at the start of the same file. Blocking: worker thread.
+
+        RESTART, not TRUNCATE: the next frames overwrite the file's blocks and its
+        resident page-cache pages, where a truncated WAL frees them and every append
+        takes a new page (allocated, zeroed, a new block, the size in the inode): a
+        commit into a reused WAL costs about a quarter less. ``journal_size_limit``
+        (open_actor_db) trims a WAL a large batch grew back to twice the checkpoint size.
+        """
         conn = self.conn
         if conn is not None:
-            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_RESTART)
             self.wal_pages = 0
             self._start_wal(conn)
 

@@ -45,7 +45,8 @@ def open_actor_db(
 
     WAL with ``locking_mode=EXCLUSIVE`` (one connection per file: no shared-memory
     locking, half the cost of a small transaction), ``synchronous=NORMAL`` (durability is
-    the actor's job, see DESIGN.md), no autocheckpoint (checkpoints run off the loop).
+    the actor's job, see DESIGN.md), no autocheckpoint (checkpoints run off the loop),
+    and a WAL kept for reuse after a checkpoint, trimmed to twice ``checkpoint_wal_bytes``.
     """
     exists = os.path.lexists(path)
     if not exists and not create:
@@ -61,6 +62,9 @@ def open_actor_db(
             raise Internal(f"could not put {path} in WAL mode")
         conn.pragma("synchronous", "normal")
         conn.wal_autocheckpoint(0)
+        # the WAL is reused after each checkpoint (Actor.checkpoint_blocking), not
+        # truncated: this bounds what a large batch leaves of it
+        conn.pragma("journal_size_limit", 2 * config.checkpoint_wal_bytes)
         authorizer = harden(conn, config)
         _check_or_init_meta(conn, authorizer, key, path, initial_lsn)
         conn.set_last_insert_rowid(0)  # the tenant sees only its own inserts' rowids

@@ -17,10 +17,12 @@ import trio.testing
 from shardlite.actor import (
     ActorConfig,
     ActorPool,
+    Batch,
     Call,
     Durability,
     Overloaded,
     Sql,
+    Statement,
     Unavailable,
     key_to_relpath,
     open_actor_pool,
@@ -190,6 +192,39 @@ async def test_wal_is_checkpointed_off_the_loop_when_it_grows(tmp_path: Path) ->
         # 200 x 2 KB went through a WAL that never held much more than the threshold
         assert biggest < 4 * 64 * 1024
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(200,)]
+
+
+async def test_a_checkpointed_wal_is_reused_in_place_and_trimmed_after_a_large_batch(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint restarts the WAL at its start (the file keeps its blocks and cached
+    pages for the next frames) instead of truncating it; a batch that grew it past twice
+    the checkpoint size leaves it trimmed back to that at the restart."""
+    limit = 64 * 1024
+    config = ActorConfig(checkpoint_wal_bytes=limit, durability=Durability.OS)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v BLOB)"))
+        wal = Path(str(tmp_path / key_to_relpath("k")) + "-wal")
+        sizes = []
+        for _ in range(100):
+            await pool.call("k", Sql("INSERT INTO t VALUES (randomblob(2000))"))
+            sizes.append(wal.stat().st_size)
+        assert pool.statistics()["checkpoints"] >= 3
+        # once past the threshold, the file never shrinks: new frames overwrite old ones
+        grown = sizes.index(max(sizes))
+        assert max(sizes) >= limit and min(sizes[grown:]) == max(sizes)
+        # a batch of 40 x 8 KB: the WAL grows far past twice the threshold
+        big = Batch([Statement("INSERT INTO t VALUES (randomblob(8000))") for _ in range(40)])
+        await pool.call("k", big)
+        assert wal.stat().st_size > 4 * limit
+        await wait_until(lambda: pool.statistics()["checkpoints"] >= 4)
+        await pool.call("k", Sql("INSERT INTO t VALUES (1)"))  # the WAL's next writes
+        await wait_until(lambda: wal.stat().st_size <= 2 * limit)
+        assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(141,)]
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
+        assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(141,)]
+        check = await pool.call("k", Sql("PRAGMA integrity_check"))
+        assert check.rows == [("ok",)]
 
 
 async def test_closing_the_pool_runs_queued_calls_and_keeps_their_writes(tmp_path: Path) -> None:

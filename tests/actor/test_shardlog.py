@@ -176,6 +176,8 @@ async def run_until_cut(h: Harness, seed: int) -> Acked:
         writers = 3
     if seed % 3 == 2:  # segments appended to, not zero-filled ahead (--log-init-zero off)
         h.config = msgspec.structs.replace(h.config, log_init_zero=False)
+    if seed % 4 == 1:  # an actor checkpoint every few writes: each WAL restarts, reused
+        h.config = msgspec.structs.replace(h.config, checkpoint_wal_bytes=6 * 4096)
     async with open_actor_pool(h.config, str(h.data), h.durability()) as pool:
         for key in keys:
             await pool.call(
@@ -228,6 +230,9 @@ async def run_until_cut(h: Harness, seed: int) -> Acked:
         async with trio.open_nursery() as nursery:
             for w in range(writers):
                 nursery.start_soon(writer, w)
+        checkpoints = pool.statistics()["checkpoints"]
+    if seed % 4 == 1:
+        assert checkpoints > 0, f"seed {seed}: no WAL was checkpointed and reused"
     h.restore()
     return acked
 
