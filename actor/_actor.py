@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,10 @@ if TYPE_CHECKING:
     from ._durability import DurabilityPolicy
 
 log = logging.getLogger("shardlite.actor")
+
+WAL_REUSE_WITHIN_S = 60.0
+"""An actor's WAL that reached ``checkpoint_wal_bytes`` within this long is reused after
+its checkpoint, one that took longer is truncated (Actor.checkpoint_blocking)."""
 
 __all__ = ["Actor", "Call", "Exclusive", "Replies", "Sink", "State", "deliver", "sync_directory"]
 
@@ -56,6 +61,7 @@ class Actor(StatementRunner):
         self._cursor: apsw.Cursor | None = None
         self.init_runner()
         self.wal_pages = 0
+        self.wal_since = 0.0  # time.monotonic() when the WAL last started empty
         # durability bookkeeping, owned by the DurabilityPolicy
         self.written_gen = 0
         self.synced_gen = 0
@@ -107,6 +113,7 @@ class Actor(StatementRunner):
             sync_directory(os.path.dirname(fanout))
             self._start_wal(conn)  # in the creating worker thread, not the first batch
         self.conn = conn
+        self.wal_since = time.monotonic()
         conn.set_progress_handler(self._progress, PROGRESS_STEPS)
         conn.set_wal_hook(self._wal_hook)
         cursor = conn.cursor()
@@ -200,18 +207,27 @@ class Actor(StatementRunner):
             auth.trusted = False
 
     def checkpoint_blocking(self) -> None:
-        """Copy the WAL into the database, then start the next WAL (:meth:`_start_wal`)
-        at the start of the same file. Blocking: worker thread.
+        """Copy the WAL into the database, then start the next WAL (:meth:`_start_wal`).
+        Blocking: worker thread.
 
-        RESTART, not TRUNCATE: the next frames overwrite the file's blocks and its
-        resident page-cache pages, where a truncated WAL frees them and every append
+        A WAL that filled within ``WAL_REUSE_WITHIN_S`` restarts at the start of the
+        same file (RESTART): the next frames overwrite its blocks and page-cache pages,
+        which are still resident, where a truncated WAL frees them and every append
         takes a new page (allocated, zeroed, a new block, the size in the inode): a
-        commit into a reused WAL costs about a quarter less. ``journal_size_limit``
-        (open_actor_db) trims a WAL a large batch grew back to twice the checkpoint size.
+        commit into a reused WAL costs about a quarter less. A WAL that filled slowly
+        is truncated: its pages may have left the page cache, and overwriting part of
+        a page that is not cached reads it first, on the event loop.
+        ``journal_size_limit`` (open_actor_db) trims a reused WAL that a large batch
+        grew past twice the checkpoint size.
         """
         conn = self.conn
         if conn is not None:
-            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_RESTART)
+            now = time.monotonic()
+            reuse = now - self.wal_since < WAL_REUSE_WITHIN_S
+            conn.wal_checkpoint(
+                mode=apsw.SQLITE_CHECKPOINT_RESTART if reuse else apsw.SQLITE_CHECKPOINT_TRUNCATE
+            )
+            self.wal_since = now
             self.wal_pages = 0
             self._start_wal(conn)
 

@@ -237,8 +237,9 @@ SETTINGS: tuple[Setting, ...] = (
         defaults.DEFAULT_CHECKPOINT_WAL_BYTES,
         "size",
         "An actor's WAL is checkpointed (off the event loop) once it grows past this, then "
-        "reused from its start: an open actor keeps a WAL file of about this size (at most "
-        "twice it after a large batch); closing the actor empties it.",
+        "reused from its start if it grew within a minute, else truncated: an actor that "
+        "writes often keeps a WAL file of about this size (at most twice it after a large "
+        "batch); closing the actor empties it.",
     ),
     Setting(
         "fsync_threads",

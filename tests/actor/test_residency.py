@@ -27,6 +27,7 @@ from shardlite.actor import (
     key_to_relpath,
     open_actor_pool,
 )
+from shardlite.actor import _actor as actor_module
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
@@ -225,6 +226,27 @@ async def test_a_checkpointed_wal_is_reused_in_place_and_trimmed_after_a_large_b
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(141,)]
         check = await pool.call("k", Sql("PRAGMA integrity_check"))
         assert check.rows == [("ok",)]
+
+
+async def test_a_wal_that_filled_slowly_is_truncated_at_its_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its pages may have left the page cache since they were written, and overwriting
+    part of an uncached page reads it first: such a WAL is truncated, not reused."""
+    monkeypatch.setattr(actor_module, "WAL_REUSE_WITHIN_S", 0.0)  # every WAL is slow
+    limit = 64 * 1024
+    config = ActorConfig(checkpoint_wal_bytes=limit, durability=Durability.OS)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v BLOB)"))
+        wal = Path(str(tmp_path / key_to_relpath("k")) + "-wal")
+        sizes = []
+        for _ in range(100):
+            await pool.call("k", Sql("INSERT INTO t VALUES (randomblob(2000))"))
+            sizes.append(wal.stat().st_size)
+        assert pool.statistics()["checkpoints"] >= 3
+        grown = sizes.index(max(sizes))
+        assert max(sizes) >= limit and min(sizes[grown:]) < limit // 4  # emptied, regrown
+        assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(100,)]
 
 
 async def test_closing_the_pool_runs_queued_calls_and_keeps_their_writes(tmp_path: Path) -> None:
