@@ -28,6 +28,7 @@ from shardlite.shards import (
     settings_from,
     settings_markdown,
     startup_error,
+    stopped_starting,
 )
 from shardlite.shards._auth import (
     PERMS,
@@ -116,6 +117,9 @@ def serve(**values: Any) -> None:
     try:
         trio.run(run)
     except (*STARTUP_ERRORS, BaseExceptionGroup) as exc:
+        if stopped_starting(exc):  # Ctrl-C or SIGTERM before it was ready
+            click.echo("shardlite stopped before it was ready")
+            return
         reason = startup_error(exc)
         if reason is None:
             raise

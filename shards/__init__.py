@@ -6,7 +6,14 @@ from ._routing import shard_dir
 from ._rpc import serve_rpc
 from ._server import ServerInfo, run_server
 from ._settings import SETTINGS, Setting, Settings, settings_from, settings_markdown
-from ._supervisor import STARTUP_ERRORS, HostInfo, default_procs, run_supervisor, startup_error
+from ._supervisor import (
+    STARTUP_ERRORS,
+    HostInfo,
+    default_procs,
+    run_supervisor,
+    startup_error,
+    stopped_starting,
+)
 
 __all__ = [
     "SETTINGS",
@@ -25,4 +32,5 @@ __all__ = [
     "settings_markdown",
     "shard_dir",
     "startup_error",
+    "stopped_starting",
 ]

@@ -215,7 +215,10 @@ async def _serve(
     holder: list[Node] = []
     async with trio.open_nursery() as outer:
         if handle_signals:
-            outer.start_soon(stop_on_signal, stopping)
+            # a shard process leaves SIGINT (a terminal's Ctrl-C) to its supervisor, which
+            # stops it with SIGTERM (_supervisor.child_command)
+            which = (signal.SIGTERM,) if node_spec is not None else (signal.SIGTERM, signal.SIGINT)
+            outer.start_soon(stop_on_signal, stopping, which)
         classes = load_app(settings.app) if settings.app else None
         async with open_actor_pool(config, _locate_by(holder), app=classes) as pool:
             metrics.watch_pool(pool)
@@ -422,9 +425,11 @@ def _hypercorn_config(settings: Settings, node_spec: NodeSpec | None) -> Hyperco
     return cfg
 
 
-async def stop_on_signal(stopping: trio.Event) -> None:
-    """Set ``stopping`` on the first SIGTERM or SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def stop_on_signal(
+    stopping: trio.Event, which: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+) -> None:
+    """Set ``stopping`` on the first of these signals (SIGTERM or SIGINT)."""
+    with trio.open_signal_receiver(*which) as signals:
         async for signum in signals:
             log.info("received %s; shutting down gracefully", signal.Signals(signum).name)
             stopping.set()

@@ -152,6 +152,24 @@ async def run_supervisor(
         os.close(lock)
 
 
+def child_command() -> list[str]:
+    """How a shard process is started: with SIGINT ignored from its first instruction.
+
+    A shell's ``trap "" INT`` holds across its ``exec`` of Python, which leaves an
+    ignored SIGINT ignored. A terminal's Ctrl-C reaches the whole process group, and the
+    supervisor alone acts on it, stopping each child with SIGTERM: a child interrupted
+    in its imports printed a traceback, and one cancelled while starting looked as if it
+    had failed to start.
+    """
+    ignore_sigint = ["/bin/sh", "-c", 'trap "" INT; exec "$@"', "sh"]
+    return [*ignore_sigint, sys.executable, "-m", "shardlite.shards._child"]
+
+
+class StoppedStarting(RuntimeError):
+    """``serve`` was told to stop (SIGINT, SIGTERM) before every shard process was ready:
+    not a failure. Find it in the exception groups around it with :func:`stopped_starting`."""
+
+
 class _Child:
     """One shard process: started, watched, restarted with backoff, stopped."""
 
@@ -189,7 +207,7 @@ class _Child:
         env[SPEC_ENV] = msgspec.json.encode(self.spec).decode()
         env[SETTINGS_ENV] = msgspec.json.encode(self.settings).decode()
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "shardlite.shards._child"],
+            child_command(),
             stdin=-1,  # PIPE: closes when the supervisor dies, and the child stops
             stdout=-1,
             env=env,
@@ -198,22 +216,24 @@ class _Child:
         assert proc.stdout is not None and proc.stdin is not None
         try:
             async with trio.open_nursery() as nursery:
+
+                async def stop_on(stop: trio.Event) -> None:
+                    await stop.wait()
+                    if proc.returncode is None:
+                        proc.send_signal(signal.SIGTERM)  # one still starting gives up
+
+                nursery.start_soon(stop_on, stopping)
                 line = await _read_line(proc.stdout)
                 if task_status is not None:
                     if not line:
                         code = await proc.wait()
+                        if stopping.is_set():  # told to stop (SIGINT/SIGTERM) while starting
+                            raise StoppedStarting(f"shard process {self.index} stopped")
                         raise RuntimeError(
                             f"shard process {self.index} failed to start ({_exit_reason(code)})"
                         )
                     task_status.started(msgspec.json.decode(line, type=ServerInfo))
                 nursery.start_soon(_drain, proc.stdout)
-
-                async def stop_on(stop: trio.Event) -> None:
-                    await stop.wait()
-                    if proc.returncode is None:
-                        proc.send_signal(signal.SIGTERM)
-
-                nursery.start_soon(stop_on, stopping)
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -261,6 +281,13 @@ STARTUP_ERRORS = (OSError, ValueError, RuntimeError, DirectoryUnavailable)
 """Port in use, data directory locked, a bad directory URL, etcd unreachable, a shard
 log that cannot be replayed, a shard process that would not start: one line, no
 traceback."""
+
+
+def stopped_starting(exc: BaseException) -> bool:
+    """Whether ``exc`` (or a group around it) says serve was stopped while starting."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(StoppedStarting) is not None
+    return isinstance(exc, StoppedStarting)
 
 
 def startup_error(exc: BaseException) -> BaseException | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,5 +111,53 @@ def test_a_shard_process_that_cannot_start_stops_serve_in_one_line_and_its_sibli
 
     (log_dir / "0000010000000000.log").unlink()
     server = start_server("--procs", "2", data=data)  # the lock is free: nothing outlived it
+    with shardlite.connect(server.rpc_url) as client:
+        assert client.actor("k").sql("SELECT 1").rows == [(1,)]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc), oldest first."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return sorted(found)
+
+
+def test_ctrl_c_while_starting_stops_serve_quietly_and_frees_the_data_directory(
+    start_server: Any, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT to the whole process group) before `serve` is ready: it says it
+    stopped, exits 0, and no shard process reports a failure or a traceback. One shard
+    process is held (SIGSTOP) so that `serve` cannot be ready when the signal lands."""
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "shardlite", "serve", "--data", str(data), "--procs", "2"]
+    cmd += ["--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(children := _children(proc.pid)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no shard processes"
+            time.sleep(0.01)
+        os.kill(children[1], signal.SIGSTOP)  # in its imports still: it cannot be ready
+        time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
+        os.kill(children[1], signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert "shardlite stopped before it was ready" in out and "serving" not in out
+    assert "failed to start" not in err and "Traceback" not in err, err
+    server = start_server("--procs", "2", data=data)  # nothing outlived it holding the lock
     with shardlite.connect(server.rpc_url) as client:
         assert client.actor("k").sql("SELECT 1").rows == [(1,)]
