@@ -78,7 +78,7 @@ from ._ops import (
 )
 from ._pool import ActorPool, Waiter, open_actor_pool
 from ._recovery import replay_file
-from ._shardlog import Record, raise_log_epoch, read_log_epoch, verify_log
+from ._shardlog import LogCorrupt, Record, raise_log_epoch, read_log_epoch, verify_log
 from ._workflow import Workflow
 
 __all__ = [
@@ -113,6 +113,7 @@ __all__ = [
     "KvOk",
     "KvPut",
     "KvValue",
+    "LogCorrupt",
     "LogDurability",
     "MethodError",
     "MethodNotAllowed",

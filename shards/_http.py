@@ -281,6 +281,8 @@ def create_app(pool: ActorPool, node: Node, settings: Settings, metrics: Metrics
             body["reason"] = node.not_ready
         body["node"] = node.id
         body["shards"] = sorted(node.served)
+        if node.unservable:  # still ready: the other shards serve
+            body["unservable"] = dict(sorted(node.unservable.items()))
         return _respond(body, 200 if ok else 503)
 
     @app.route("/metrics", methods=["GET"])

@@ -104,6 +104,15 @@ class Metrics:
             await trio.sleep_until(due)
             self.loop_lag.observe(trio.current_time() - due)
 
+    def watch_unservable(self, count: Callable[[], int]) -> None:
+        """Export how many of this process's shards it cannot serve (a damaged log)."""
+        Gauge(
+            "shardlite_shards_unservable",
+            "Shards this process owns but cannot serve: their log is damaged or in a "
+            "format this build does not read (their keys get 503; see /readyz).",
+            registry=self.registry,
+        ).set_function(count)
+
     def watch_held(self, held: Callable[[], int]) -> None:
         """Export how many requests wait behind a shard's fence (a move's cutover) or a
         directory read, at scrape time."""

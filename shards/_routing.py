@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import trio
 
-from shardlite.actor import ActorPool, Error, Overloaded, Unavailable, WrongShard
+from shardlite.actor import ActorPool, Error, LogCorrupt, Overloaded, Unavailable, WrongShard
 from shardlite.router import (
     Directory,
     DirectoryUnavailable,
@@ -132,6 +132,10 @@ class Node:
         self.prepare: Callable[[Placement], Awaitable[None]] | None = None
         """Run first by every adopt (finishing an interrupted split)."""
         self.served: dict[str, int] = {}  # shard id -> epoch it is served at
+        self.unservable: dict[str, str] = {}
+        """Shards of this node whose log cannot be replayed (damaged, or a format this
+        build does not read), with why: their keys get 503 ``unavailable`` saying so, the
+        other shards serve. Tried again at each placement this node adopts."""
         self.fences: dict[str, ShardFence] = {}  # shards whose requests are held
         self.refreshing: dict[str, ShardFence] = {}  # held until the directory is read
         self._refreshed_at: dict[str, float] = {}
@@ -169,9 +173,19 @@ class Node:
             if shard_id not in self.served:
                 if not await self._may_serve(placement, shard_id):
                     continue
-                await self._attach(shard_dir(self.data, shard_id))
+                try:
+                    await self._attach(shard_dir(self.data, shard_id))
+                except LogCorrupt as exc:  # the others still serve; this one answers 503
+                    if self.unservable.get(shard_id) != str(exc):
+                        log.error("not serving %s: %s", shard_id, exc)
+                    self.unservable[shard_id] = str(exc)
+                    continue
+                self.unservable.pop(shard_id, None)
                 log.info("serving %s at epoch %d", shard_id, epoch)
             self.served[shard_id] = epoch
+        for shard_id in list(self.unservable):
+            if shard_id not in mine:
+                del self.unservable[shard_id]
         for shard_id in list(self.served):
             if shard_id not in mine:
                 log.warning("%s is no longer ours: not serving it", shard_id)
@@ -297,6 +311,9 @@ class Node:
             if len(self._shard_of) >= ROUTE_CACHE_KEYS:
                 self._shard_of.clear()
             self._shard_of[key] = shard
+        if shard.owner == self.id and shard.id in self.unservable:
+            reason = self.unservable[shard.id]
+            return Unavailable(f"{shard.id} is not served: {reason}")
         if shard.owner == self.id and self.served.get(shard.id) == shard.epoch:
             if not self.lease.valid:
                 return Unavailable(

@@ -241,6 +241,7 @@ async def _serve(
                     )
                     holder.append(node)
                     metrics.watch_held(node.held)
+                    metrics.watch_unservable(lambda: len(node.unservable))
                     node.admin = admin = Admin(pool, node, data, background)
                     node.detach = admin.detach
                     node.prepare = admin.prepare

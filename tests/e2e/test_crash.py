@@ -6,8 +6,6 @@ import itertools
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import pytest
 import trio
 
 import shardlite
+from shardlite.actor import key_to_relpath
 
 KEYS = [f"crash-{i}" for i in range(8)]
 WRITERS = 32
@@ -103,45 +102,70 @@ def test_kill9_under_load_loses_no_acknowledged_write(
     assert len(acked) >= ROUNDS * ACKS_PER_ROUND
 
 
-def test_a_damaged_log_segment_stops_serve_in_one_line_and_leaves_no_process(
+def test_a_damaged_log_segment_takes_its_shard_out_of_service_and_only_it(
     start_server: Any, tmp_path: Path
 ) -> None:
     """A record of a completed log segment that no longer reads (a flipped bit) means
-    acknowledged writes are missing from the log: `serve` refuses, in one line naming the
-    segment, and stops its other shard process too (it holds the data directory's lock).
-    The remedy the message gives, moving the segments aside, keeps what the files hold."""
-    args = ("--procs", "2", "--log-segment-bytes", "16KiB")
+    acknowledged writes are missing from the log: that shard is not served (its keys
+    get 503 naming the segment, /readyz and /metrics list it), while the host's other
+    shards serve. The remedy the message gives, moving the segments aside, then keeps
+    what the files hold."""
+    args = ("--procs", "1", "--shards", "2", "--log-segment-bytes", "16KiB")
     args += ("--log-checkpoint-interval", "1h", "--log-trim-bytes", "1GiB")  # nothing trimmed
     server = start_server(*args)
-    keys = [f"damaged-{i}" for i in range(8)]
+    keys = [f"damaged-{i}" for i in range(32)]  # in both shards
+    rows_of = {key: len(range(i, 200, len(keys))) for i, key in enumerate(keys)}
     with shardlite.connect(server.rpc_url) as client:
         for key in keys:
             client.actor(key).sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
         for n in range(200):
             client.actor(keys[n % len(keys)]).sql("INSERT INTO t(v) VALUES (?)", ["x" * 500])
     server.kill()
-    segments = [sorted(log.glob("*.log")) for log in sorted(server.data.glob("shards/*/log"))]
-    damaged = next(s for s in segments if len(s) >= 2)  # its first one was completed
+    shard_of = {  # each key's file is in its shard's directory
+        key: path.parent.name
+        for key in keys
+        for path in server.data.glob("shards/*/log")
+        if (path.parent / key_to_relpath(key)).exists()
+    }
+    assert len(shard_of) == len(keys)
+    logs = sorted(server.data.glob("shards/*/log"))
+    segments = {log.parent.name: sorted(log.glob("*.log")) for log in logs}
+    bad_shard = shard_of[keys[0]]
+    damaged = segments[bad_shard]  # its first segment was completed: 16 KiB of records
+    assert len(damaged) >= 2
     with open(damaged[0], "r+b") as f:
         f.seek(32 + 20 + 5)  # inside the first record
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
 
-    cmd = [sys.executable, "-m", "shardlite", "serve", "--data", str(server.data)]
-    cmd += ["--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert out.returncode == 1
-    assert f"{damaged[0]} is damaged at byte" in out.stderr
-    assert "acknowledged and are lost" in out.stderr and "Traceback" not in out.stderr
+    again = start_server(*args, data=server.data)
+    assert f"not serving {bad_shard}: {damaged[0]} is damaged at byte" in again.log
+    bad = [k for k in keys if shard_of[k] == bad_shard]
+    good = [k for k in keys if shard_of[k] != bad_shard]
+    assert bad and good
+    with shardlite.connect(again.rpc_url) as client:
+        for key in good:
+            assert client.actor(key).sql("SELECT count(*) FROM t").rows == [(rows_of[key],)]
+    for key in bad:
+        r = httpx.post(f"{again.http_url}/v1/actors/{key}/sql", json={"sql": "SELECT 1"})
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "unavailable"
+        assert f"{bad_shard} is not served" in error["message"]
+        assert "acknowledged and are lost" in error["message"]
+    ready = httpx.get(f"{again.http_url}/readyz")
+    assert ready.status_code == 200 and bad_shard in ready.json()["unservable"]
+    metrics = httpx.get(f"{again.http_url}/metrics").text
+    assert "\nshardlite_shards_unservable 1.0" in metrics
+    assert again.terminate() == 0
 
     aside = tmp_path / "aside"
     aside.mkdir()
     for segment in damaged:
         shutil.move(segment, aside)
-    # starts only if no shard process of the refused run still holds the lock
-    again = start_server(*args, data=server.data)
-    with shardlite.connect(again.rpc_url) as client:
+    third = start_server(*args, data=server.data)
+    with shardlite.connect(third.rpc_url) as client:
         rows = sum(client.actor(key).sql("SELECT count(*) FROM t").rows[0][0] for key in keys)
     assert rows == 200  # a kill -9 leaves every write in the files
 

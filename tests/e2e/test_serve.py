@@ -93,23 +93,24 @@ def test_a_second_server_on_the_same_data_directory_refuses_to_start(server: Any
 def test_a_shard_process_that_cannot_start_stops_serve_in_one_line_and_its_siblings_too(
     start_server: Any, tmp_path: Path
 ) -> None:
-    """One shard process refuses to start (here, a file in a shard's log directory that
-    is not a log segment): `serve` exits 1 with that reason in one line, and stops the
-    shard processes that did start, which would otherwise keep the data directory's lock
-    (and wait for ever for the peer that failed)."""
+    """One shard process refuses to start (here, its shard's log directory is a file):
+    `serve` exits 1 with that reason in one line, and stops the shard processes that did
+    start, which would otherwise keep the data directory's lock (and wait for ever for
+    the peer that failed)."""
     data = tmp_path / "data"
     assert start_server("--procs", "2", data=data).terminate() == 0
     log_dir = data / "shards" / "shard-01" / "log"
-    assert log_dir.is_dir()
-    (log_dir / "0000010000000000.log").write_bytes(b"not a log segment" * 4)
+    log_dir.rename(tmp_path / "log-aside")
+    log_dir.write_bytes(b"not a directory")
     cmd = [sys.executable, "-m", "shardlite", "serve", "--data", str(data), "--procs", "2"]
     cmd += ["--http", "127.0.0.1:0", "--rpc", "127.0.0.1:0"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 1
-    assert "is not a shardlite log segment" in out.stderr and "Traceback" not in out.stderr
+    assert f"File exists: '{log_dir}'" in out.stderr and "Traceback" not in out.stderr
     assert "failed to start" in out.stderr
 
-    (log_dir / "0000010000000000.log").unlink()
+    log_dir.unlink()
+    (tmp_path / "log-aside").rename(log_dir)
     server = start_server("--procs", "2", data=data)  # the lock is free: nothing outlived it
     with shardlite.connect(server.rpc_url) as client:
         assert client.actor("k").sql("SELECT 1").rows == [(1,)]
