@@ -195,32 +195,41 @@ async def test_wal_is_checkpointed_off_the_loop_when_it_grows(tmp_path: Path) ->
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(200,)]
 
 
+WAL_LIMIT = 64 * 1024
+
+
+async def _wal_sizes_through_checkpoints(pool: ActorPool, data: Path) -> tuple[Path, list[int]]:
+    """Write 100 rows of 2 KB to actor "k", one call each; its WAL's path, and the WAL's
+    size after each call (past WAL_LIMIT, at least three checkpoints)."""
+    await pool.call("k", Sql("CREATE TABLE t(v BLOB)"))
+    wal = Path(str(data / key_to_relpath("k")) + "-wal")
+    sizes = []
+    for _ in range(100):
+        await pool.call("k", Sql("INSERT INTO t VALUES (randomblob(2000))"))
+        sizes.append(wal.stat().st_size)
+    assert pool.statistics()["checkpoints"] >= 3
+    return wal, sizes
+
+
 async def test_a_checkpointed_wal_is_reused_in_place_and_trimmed_after_a_large_batch(
     tmp_path: Path,
 ) -> None:
     """A checkpoint restarts the WAL at its start (the file keeps its blocks and cached
     pages for the next frames) instead of truncating it; a batch that grew it past twice
     the checkpoint size leaves it trimmed back to that at the restart."""
-    limit = 64 * 1024
-    config = ActorConfig(checkpoint_wal_bytes=limit, durability=Durability.OS)
+    config = ActorConfig(checkpoint_wal_bytes=WAL_LIMIT, durability=Durability.OS)
     async with open_actor_pool(config, str(tmp_path)) as pool:
-        await pool.call("k", Sql("CREATE TABLE t(v BLOB)"))
-        wal = Path(str(tmp_path / key_to_relpath("k")) + "-wal")
-        sizes = []
-        for _ in range(100):
-            await pool.call("k", Sql("INSERT INTO t VALUES (randomblob(2000))"))
-            sizes.append(wal.stat().st_size)
-        assert pool.statistics()["checkpoints"] >= 3
+        wal, sizes = await _wal_sizes_through_checkpoints(pool, tmp_path)
         # once past the threshold, the file never shrinks: new frames overwrite old ones
         grown = sizes.index(max(sizes))
-        assert max(sizes) >= limit and min(sizes[grown:]) == max(sizes)
+        assert max(sizes) >= WAL_LIMIT and min(sizes[grown:]) == max(sizes)
         # a batch of 40 x 8 KB: the WAL grows far past twice the threshold
         big = Batch([Statement("INSERT INTO t VALUES (randomblob(8000))") for _ in range(40)])
         await pool.call("k", big)
-        assert wal.stat().st_size > 4 * limit
+        assert wal.stat().st_size > 4 * WAL_LIMIT
         await wait_until(lambda: pool.statistics()["checkpoints"] >= 4)
         await pool.call("k", Sql("INSERT INTO t VALUES (1)"))  # the WAL's next writes
-        await wait_until(lambda: wal.stat().st_size <= 2 * limit)
+        await wait_until(lambda: wal.stat().st_size <= 2 * WAL_LIMIT)
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(141,)]
     async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(141,)]
@@ -234,18 +243,11 @@ async def test_a_wal_that_filled_slowly_is_truncated_at_its_checkpoint(
     """Its pages may have left the page cache since they were written, and overwriting
     part of an uncached page reads it first: such a WAL is truncated, not reused."""
     monkeypatch.setattr(actor_module, "WAL_REUSE_WITHIN_S", 0.0)  # every WAL is slow
-    limit = 64 * 1024
-    config = ActorConfig(checkpoint_wal_bytes=limit, durability=Durability.OS)
+    config = ActorConfig(checkpoint_wal_bytes=WAL_LIMIT, durability=Durability.OS)
     async with open_actor_pool(config, str(tmp_path)) as pool:
-        await pool.call("k", Sql("CREATE TABLE t(v BLOB)"))
-        wal = Path(str(tmp_path / key_to_relpath("k")) + "-wal")
-        sizes = []
-        for _ in range(100):
-            await pool.call("k", Sql("INSERT INTO t VALUES (randomblob(2000))"))
-            sizes.append(wal.stat().st_size)
-        assert pool.statistics()["checkpoints"] >= 3
+        _, sizes = await _wal_sizes_through_checkpoints(pool, tmp_path)
         grown = sizes.index(max(sizes))
-        assert max(sizes) >= limit and min(sizes[grown:]) < limit // 4  # emptied, regrown
+        assert max(sizes) >= WAL_LIMIT and min(sizes[grown:]) < WAL_LIMIT // 4  # emptied
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(100,)]
 
 
