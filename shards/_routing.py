@@ -135,7 +135,8 @@ class Node:
         self.unservable: dict[str, str] = {}
         """Shards of this node whose log cannot be replayed (damaged, or a format this
         build does not read), with why: their keys get 503 ``unavailable`` saying so, the
-        other shards serve. Tried again at each placement this node adopts."""
+        other shards serve. Not tried again until the process restarts: an operator
+        moving segments aside (the remedy) must not have a half-done move replayed."""
         self.fences: dict[str, ShardFence] = {}  # shards whose requests are held
         self.refreshing: dict[str, ShardFence] = {}  # held until the directory is read
         self._refreshed_at: dict[str, float] = {}
@@ -171,16 +172,14 @@ class Node:
         mine = {s.id: s.epoch for s in placement.shards.values() if s.owner == self.id}
         for shard_id, epoch in mine.items():
             if shard_id not in self.served:
-                if not await self._may_serve(placement, shard_id):
+                if shard_id in self.unservable or not await self._may_serve(placement, shard_id):
                     continue
                 try:
                     await self._attach(shard_dir(self.data, shard_id))
                 except LogCorrupt as exc:  # the others still serve; this one answers 503
-                    if self.unservable.get(shard_id) != str(exc):
-                        log.error("not serving %s: %s", shard_id, exc)
+                    log.error("not serving %s: %s", shard_id, exc)
                     self.unservable[shard_id] = str(exc)
                     continue
-                self.unservable.pop(shard_id, None)
                 log.info("serving %s at epoch %d", shard_id, epoch)
             self.served[shard_id] = epoch
         for shard_id in list(self.unservable):
