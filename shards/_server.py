@@ -427,10 +427,15 @@ def _hypercorn_config(settings: Settings, node_spec: NodeSpec | None) -> Hyperco
 
 
 async def stop_on_signal(
-    stopping: trio.Event, which: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+    stopping: trio.Event,
+    which: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+    *,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Set ``stopping`` on the first of these signals (SIGTERM or SIGINT)."""
+    """Set ``stopping`` on the first of these signals (SIGTERM or SIGINT). Started
+    (``nursery.start``) once the signals are caught."""
     with trio.open_signal_receiver(*which) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("received %s; shutting down gracefully", signal.Signals(signum).name)
             stopping.set()

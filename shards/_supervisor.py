@@ -108,7 +108,8 @@ async def run_supervisor(
         child_settings = msgspec.structs.replace(settings, host_id=host_id)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(stop_on_signal, stopping)
+                # caught before any child exists: a child is never left to the signal
+                await nursery.start(stop_on_signal, stopping)
                 since = time.time()
                 children = [
                     _Child(

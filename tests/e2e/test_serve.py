@@ -130,6 +130,11 @@ def _children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def _state(pid: int) -> str:
+    """The process's state letter from /proc (T: stopped by a signal)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
 def test_ctrl_c_while_starting_stops_serve_quietly_and_frees_the_data_directory(
     start_server: Any, tmp_path: Path
 ) -> None:
@@ -147,8 +152,11 @@ def test_ctrl_c_while_starting_stops_serve_quietly_and_frees_the_data_directory(
         while len(children := _children(proc.pid)) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "no shard processes"
             time.sleep(0.01)
-        os.kill(children[1], signal.SIGSTOP)  # in its imports still: it cannot be ready
-        time.sleep(0.2)  # no timing asserted: the supervisor's SIGINT handler is surely set
+        os.kill(children[1], signal.SIGSTOP)  # starting still: it cannot be ready
+        # (the supervisor catches SIGINT before it starts any child)
+        while _state(children[1]) != "T":
+            assert time.monotonic() < deadline, "the shard process did not stop"
+            time.sleep(0.01)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends on Ctrl-C
         os.kill(children[1], signal.SIGCONT)
         out, err = proc.communicate(timeout=120)
