@@ -132,9 +132,13 @@ class LogDurability:
             init_zero=self.config.log_init_zero,
         )
         recovered = await trio.to_thread.run_sync(shard_log.open)
-        replayed, alarms = await trio.to_thread.run_sync(
-            replay_shard, directory, recovered, self.config
-        )
+        try:
+            replayed, alarms = await trio.to_thread.run_sync(
+                replay_shard, directory, recovered, self.config
+            )
+        except BaseException:
+            shard_log.close()  # not served (a hole in the log, say): no descriptor left open
+            raise
         self.recovered_alarms[directory] = alarms
         self.recovered_records += recovered.count
         for torn in recovered.torn_segments:
@@ -213,10 +217,11 @@ class LogDurability:
         lsn = shard.log.reserve()
         record = None if actor.schema_changed else actor.take_record()
         actor.write_lsn(lsn)  # not captured: replay writes the LSN of the last record
+        prev = actor.last_lsn  # what the file holds before this batch: the record names it
         self._appended = (
             actor,
             lsn,
-            actor.last_lsn,
+            prev,
             shard.buffered_lsn,
             actor not in shard.unsynced,
         )
@@ -227,7 +232,7 @@ class LogDurability:
             if shard.shipping is not None:
                 shard.shipping[actor.key] = None
             return
-        shard.buffer.append(encode_record(lsn, actor.key, record))
+        shard.buffer.append(encode_record(lsn, actor.key, record, prev=prev))
         shard.buffered_lsn = lsn
         shard.records_since_syncfs += 1
         if shard.shipping is not None:
@@ -330,7 +335,12 @@ class LogDurability:
         """The actor's file holds everything up to ``lsn`` durably (sync, checkpoint,
         close): release what waited on it and let the log be trimmed past it."""
         actor.file_lsn = max(actor.file_lsn, lsn)
-        actor.needs_file_sync = False
+        if lsn >= actor.last_lsn:
+            # not for a sync that started before the actor's unlogged batch committed (a
+            # checkpointer pass): that batch's own sync must still run before the actor
+            # runs again, or its next record would name a write neither the file (after
+            # a crash) nor the log holds
+            actor.needs_file_sync = False
         shard = self.shards.get(os.path.dirname(os.path.dirname(actor.path)))
         if shard is None:
             return
@@ -420,20 +430,26 @@ class LogDurability:
             self.on_released(actor)
 
     def _write_failed(self, shard: _Shard, last: int, exc: OSError) -> None:
-        # The records may or may not be on disk (fsyncgate): fail their replies, mark
-        # their actors for a file sync (their files hold the writes) and go on in a
-        # new segment.
+        # The records may or may not be on disk (fsyncgate): fail their replies, reset
+        # their actors (the close syncs their files, which hold the writes) and go on in
+        # a new segment. The batches those actors committed since, whose records wait
+        # in the buffer, build on the failed ones: their replies fail too, and their
+        # records are dropped. Every record in the log then follows one that is in the
+        # log or durable in its file (its ``prev``), which recovery checks.
         shard.failures += 1
         log.error(
             "shard log %s: write failed (%s); failing the replies it held", shard.directory, exc
         )
         err = Internal(f"the write could not be made durable ({exc}); it may or may not be applied")
         for actor in list(shard.waiting):
-            while actor.pending and actor.pending[0][0] <= last:
+            while actor.pending:
                 for call in actor.pending.popleft()[1]:
                     call.sink.deliver(call.tag, err)
             actor.broken = True
             self._release(actor, 0)
+        # every record in the buffer is of an actor that was waiting (its reply waits on
+        # the log) or whose file already holds it durably
+        shard.buffer.clear()
         try:
             shard.log.start_segment()
         except OSError:

@@ -1,17 +1,23 @@
 """The shard log: one append-only file set per shard, one fdatasync for many keys' writes.
 
 Format (docs/shardlog.md): ``DIR/epoch`` holds the current epoch; segments are
-``DIR/<first lsn, 16 hex digits>.log``, each a 32-byte header then records::
+``DIR/<first lsn, 16 hex digits>.log``, each a 40-byte header then records::
 
-    header:  magic "SHLOG\\0\\0\\0" | u16 version=1 | u16 0 | u64 first lsn | u64 created ns | u32 crc
-    record:  u32 payload length | u32 crc32(lsn..payload) | u64 lsn | u8 type | u8 0 | u16 0 | payload
+    header:  magic "SHLOG\\0\\0\\0" | u16 version=2 | u16 0 | u64 first lsn | u64 created ns
+             | u64 first lsn of the segment before it | u32 crc
+    record:  u32 payload length | u32 crc32(lsn, type, prev, payload) | u64 lsn | u8 type
+             | u8 0 | u16 0 | u64 prev: the LSN the key's file held before this batch | payload
 
 All integers big-endian; ``crc32`` is zlib's. A record's LSN is ``epoch << 40 | seq``:
 the epoch is bumped, durably, every time a log is opened, so an LSN is never reused
 across restarts, even one an actor file holds while its record never reached the log.
 A torn or corrupt record ends a segment. In a run's last segment (or after a failed
 write) that is a crash's torn tail, never acknowledged; in a segment the run completed
-it is damage, and the log refuses to open (``LogDamaged``, ``_check_tail``).
+it is damage, and the log refuses to open (``LogDamaged``, ``_check_tail``). Two links
+catch what a checksum cannot, a file that is gone: each segment names the one before it
+(``_check_links``: a segment missing between two), and each record names its key's
+previous LSN (recovery: a record of the key missing, or an actor file older than the log).
+Version 1 segments (no links) are still read.
 
 With ``init_zero`` (the server's default, like PostgreSQL's ``wal_init_zero``) a segment
 file is zero-filled to its full size and fdatasync'ed before it is used, and records
@@ -40,9 +46,12 @@ from dataclasses import dataclass, field
 from ._actor import sync_directory
 
 MAGIC = b"SHLOG\0\0\0"
-VERSION = 1
-SEGMENT_HEADER = struct.Struct(">8sHHQQI")
-RECORD_HEADER = struct.Struct(">IIQBBH")
+VERSION = 2
+SEGMENT_HEADER = struct.Struct(">8sHHQQQI")
+RECORD_HEADER = struct.Struct(">IIQBBHQ")
+SEGMENT_HEADER_V1 = struct.Struct(">8sHHQQI")
+"""Version 1 (read, never written): no link to the segment before, records without prev."""
+RECORD_HEADER_V1 = struct.Struct(">IIQBBH")
 SEQ_BITS = 40
 TYPE_ROWS = 1
 DEFAULT_SEGMENT_BYTES = 16 << 20
@@ -53,7 +62,6 @@ SEGMENT_SUFFIX = ".log"
 SPARE_SUFFIX = ".zero"
 """Of a zero-filled file that becomes the next segment (init_zero); never read."""
 ZERO_CHUNK = 1 << 20
-ZERO_RECORD_HEADER = bytes(RECORD_HEADER.size)
 
 
 class LogCorrupt(RuntimeError):
@@ -81,6 +89,11 @@ class Record:
     lsn: int
     key: str
     payload: bytes
+    prev: int | None = None
+    """The LSN the key's actor file held before this batch (None: not known, a version 1
+    record or one shipped by a move). Recovery applies a record only on top of it."""
+    segment: str = ""
+    """The segment file it was read from."""
 
 
 @dataclass
@@ -118,11 +131,12 @@ def raise_log_epoch(shard_directory: str, epoch: int) -> None:
     sync_directory(directory)
 
 
-def encode_record(lsn: int, key: str, payload: bytes) -> bytes:
+def encode_record(lsn: int, key: str, payload: bytes, *, prev: int) -> bytes:
+    """A rows record; ``prev``: the LSN the key's file held before this batch."""
     raw_key = key.encode()
     body = struct.pack(">H", len(raw_key)) + raw_key + payload
-    crc = zlib.crc32(body, zlib.crc32(struct.pack(">QB", lsn, TYPE_ROWS)))
-    return RECORD_HEADER.pack(len(body), crc, lsn, TYPE_ROWS, 0, 0) + body
+    crc = zlib.crc32(body, zlib.crc32(struct.pack(">QBQ", lsn, TYPE_ROWS, prev)))
+    return RECORD_HEADER.pack(len(body), crc, lsn, TYPE_ROWS, 0, 0, prev) + body
 
 
 class ShardLog:
@@ -160,12 +174,15 @@ class ShardLog:
                     os.unlink(os.path.join(self.directory, name))
         recovered = Recovered()
         torn: list[tuple[int, TornSegment]] = []  # with the LSN of the last record read
+        links: list[int | None] = []
         for first, path in _list_segments(self.directory):
             self.segments.append((first, path))
-            whole, end, last = _read_segment(path, recovered)
+            whole, end, last, link = _read_segment(path, recovered)
+            links.append(link)
             self._sizes[path] = end
             if not whole:
                 torn.append((last, TornSegment(path, end, _bytes_after(path, end))))
+        _check_links(self.segments, links)
         firsts = {path: (i, first) for i, (first, path) in enumerate(self.segments)}
         for last, segment in torn:
             i, first = firsts[segment.path]
@@ -241,7 +258,8 @@ class ShardLog:
         if self.segments and self.segments[-1][0] >= first:
             first = self.segments[-1][0] + 1  # after a failed write: its records are gone
         path = os.path.join(self.directory, f"{first:016x}{SEGMENT_SUFFIX}")
-        header = SEGMENT_HEADER.pack(MAGIC, VERSION, 0, first, time.time_ns(), 0)
+        before = self.segments[-1][0] if self.segments else 0
+        header = SEGMENT_HEADER.pack(MAGIC, VERSION, 0, first, time.time_ns(), before, 0)
         header = header[:-4] + struct.pack(">I", zlib.crc32(header[:-4]))
         with self._spare_lock:
             spare, self._spare = self._spare, None
@@ -295,7 +313,9 @@ class ShardLog:
     # ------------------------------------------------------------------ trimming
 
     def trim(self, below: int) -> int:
-        """Delete whole segments whose records all have LSNs below ``below``."""
+        """Delete whole segments whose records all have LSNs below ``below``, oldest
+        first, each deletion durable before the next (a crash must not leave a younger
+        segment deleted and an older one there: that is a missing segment)."""
         removed = 0
         while len(self.segments) > 1 and self.segments[1][0] <= below:
             _, path = self.segments.pop(0)
@@ -304,9 +324,8 @@ class ShardLog:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-            removed += 1
-        if removed:
             sync_directory(self.directory)
+            removed += 1
         return removed
 
     def size_bytes(self) -> int:
@@ -362,11 +381,16 @@ def verify_log(shard_directory: str) -> dict[str, str]:
         return {}  # durability os or fsync, and nothing left to drain
     found = _list_segments(directory)
     problems = {}
-    for (first, path), (following, _) in itertools.pairwise(found):
-        if following >> SEQ_BITS != first >> SEQ_BITS:
-            continue
+    for (first, path), (following, following_path) in itertools.pairwise(found):
         try:
-            whole, end, last = _read_segment(path, Recovered())
+            link = _read_link(following_path)
+            if link is not None and link != first:
+                problems[os.path.basename(following_path)] = _missing_before(
+                    following_path, link, path
+                )
+            if following >> SEQ_BITS != first >> SEQ_BITS:
+                continue
+            whole, end, last, _ = _read_segment(path, Recovered())
             if not whole:
                 _check_tail(TornSegment(path, end, _bytes_after(path, end)), first, last, following)
         except FileNotFoundError:
@@ -374,6 +398,41 @@ def verify_log(shard_directory: str) -> dict[str, str]:
         except LogCorrupt as exc:
             problems[os.path.basename(path)] = str(exc)
     return problems
+
+
+def _check_links(segments: list[tuple[int, str]], links: list[int | None]) -> None:
+    """Raise :class:`LogDamaged` if a segment is missing between two that are there:
+    each (version 2) segment names the first LSN of the one written before it. The
+    oldest segment's predecessor was trimmed (trimming deletes oldest first)."""
+    for i in range(1, len(segments)):
+        link = links[i]
+        if link is not None and link != segments[i - 1][0]:
+            raise LogDamaged(_missing_before(segments[i][1], link, segments[i - 1][1]))
+
+
+def _missing_before(path: str, link: int, there: str) -> str:
+    name = f"{link:016x}{SEGMENT_SUFFIX}"
+    return (
+        f"{path} was written after the segment {name}, which is missing (the log has "
+        f"{os.path.basename(there)} before it): the records in it were acknowledged and are "
+        "lost. This shard's log is not replayed past a hole. Restore the shard from a "
+        "backup, or, to keep what the actor files hold and lose the writes that only the "
+        f"log had, move {os.path.basename(path)} and every later segment out of the log "
+        "directory"
+    )
+
+
+def _read_link(path: str) -> int | None:
+    """The first LSN of the segment written before this one, as its header names it
+    (None: a version 1 segment, or a header that never made it to the disk)."""
+    with open(path, "rb") as f:
+        header = f.read(SEGMENT_HEADER.size)
+    if len(header) < SEGMENT_HEADER.size or header[8:10] != VERSION.to_bytes(2, "big"):
+        return None
+    magic, _, _, _, _, before, crc = SEGMENT_HEADER.unpack(header)
+    if magic != MAGIC or zlib.crc32(header[:-4]) != crc:
+        return None  # _read_segment says what is wrong with it
+    return before or None
 
 
 def _check_tail(torn: TornSegment, first: int, last: int, following: int | None) -> None:
@@ -387,7 +446,7 @@ def _check_tail(torn: TornSegment, first: int, last: int, following: int | None)
     """
     if following is None or following >> SEQ_BITS != first >> SEQ_BITS:
         return
-    if torn.offset < SEGMENT_HEADER.size:
+    if torn.offset == 0:
         return  # its header never made it: records go in only after it is durable
     missing_from = max(last, first - 1) + 1
     if following <= missing_from:
@@ -413,52 +472,63 @@ def _bytes_after(path: str, end: int) -> int:
     return max(len(rest.rstrip(b"\0")), 1)
 
 
-def _read_segment(path: str, into: Recovered) -> tuple[bool, int, int]:
+def _read_segment(path: str, into: Recovered) -> tuple[bool, int, int, int | None]:
     """Add a segment's valid records to ``into``. Returns whether it ended cleanly (not
-    torn or corrupt), where its records end, and the LSN of its last one (its first LSN
-    - 1 if it has none)."""
+    torn or corrupt), where its records end, the LSN of its last one (its first LSN - 1
+    if it has none), and the first LSN of the segment before it (None: not known)."""
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) < SEGMENT_HEADER.size:
-        return False, len(data), 0  # a segment whose header never made it: it holds nothing
-    magic, version, _, first, _, crc = SEGMENT_HEADER.unpack_from(data)
-    if magic != MAGIC or zlib.crc32(data[: SEGMENT_HEADER.size - 4]) != crc:
+    version = int.from_bytes(data[8:10], "big") if len(data) >= 10 else VERSION
+    if data[:8] == MAGIC and version not in (1, VERSION):
+        raise LogCorrupt(
+            f"{path} has log format version {version}; this build reads 1 to {VERSION}"
+        )
+    header = SEGMENT_HEADER_V1 if version == 1 else SEGMENT_HEADER
+    if len(data) < header.size:
+        return False, 0, 0, None  # a segment whose header never made it: it holds nothing
+    fields = header.unpack_from(data)
+    magic, first, crc = fields[0], fields[3], fields[-1]
+    if magic != MAGIC or zlib.crc32(data[: header.size - 4]) != crc:
         raise LogCorrupt(f"{path} is not a shardlite log segment")
-    if version != VERSION:
-        raise LogCorrupt(f"{path} has log format version {version}; this build reads {VERSION}")
+    link = (fields[5] or None) if version == VERSION else None
     last = first - 1
-    end = SEGMENT_HEADER.size
-    for record, record_end in _records(data, end):
+    end = header.size
+    for record, record_end in _records(data, end, version, path):
         if record is None or record.lsn <= last:
-            return False, end, last
+            return False, end, last, link
         last, end = record.lsn, record_end
         into.records.setdefault(record.key, []).append(record)
         into.count += 1
-    return True, end, last
+    return True, end, last, link
 
 
-def _records(data: bytes, pos: int) -> Iterator[tuple[Record | None, int]]:
+def _records(data: bytes, pos: int, version: int, path: str) -> Iterator[tuple[Record | None, int]]:
     """Each record from ``pos`` on, with where it ends; None and where it starts (then
     stop) for the first torn or corrupt one. Zeros where a record header would be end
     the records cleanly (init_zero), as the end of the file does."""
     end = len(data)
+    linked = version == VERSION
+    record_header = RECORD_HEADER if linked else RECORD_HEADER_V1
+    zeros = bytes(record_header.size)
     while pos < end:
-        header = data[pos : pos + RECORD_HEADER.size]
-        if header == ZERO_RECORD_HEADER[: len(header)]:
+        header = data[pos : pos + record_header.size]
+        if header == zeros[: len(header)]:
             return
-        if len(header) < RECORD_HEADER.size:
+        if len(header) < record_header.size:
             yield None, pos
             return
-        length, crc, lsn, kind, _, _ = RECORD_HEADER.unpack(header)
-        body_at = pos + RECORD_HEADER.size
-        if kind != TYPE_ROWS or body_at + length > end:
+        length, crc, lsn, kind, pad8, pad16, *linked_prev = record_header.unpack(header)
+        prev = linked_prev[0] if linked else None
+        body_at = pos + record_header.size
+        if kind != TYPE_ROWS or pad8 or pad16 or body_at + length > end:
             yield None, pos
             return
         body = data[body_at : body_at + length]
-        if zlib.crc32(body, zlib.crc32(struct.pack(">QB", lsn, kind))) != crc:
+        checked = struct.pack(">QBQ", lsn, kind, prev) if linked else struct.pack(">QB", lsn, kind)
+        if zlib.crc32(body, zlib.crc32(checked)) != crc:
             yield None, pos
             return
         (key_len,) = struct.unpack_from(">H", body)
         key = body[2 : 2 + key_len].decode()
         pos = body_at + length
-        yield Record(lsn, key, body[2 + key_len :]), pos
+        yield Record(lsn, key, body[2 + key_len :], prev, path), pos

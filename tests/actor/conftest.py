@@ -8,6 +8,10 @@ from then on; ``restore()`` then rewrites each file as its durable image, which 
 the disk would hold after the power came back. This is the fault-injection seam the
 durability tests use: the flusher's sync is pointed at :meth:`PowerCutVFS.sync_path`.
 
+The flusher and the checkpointer sync from worker threads while the event loop writes:
+a lock makes each write and each sync whole (a write queued between a sync's reading
+of the queue and its emptying would be lost from the image for good).
+
 Simplification: unlinks (SQLite deleting a WAL after a checkpoint on close) are taken
 as durable at once; directory entries are not modelled.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +35,7 @@ class PowerCutVFS(apsw.VFS):
         self.pending: dict[str, list[tuple[str, int, bytes]]] = {}
         self.is_cut = False
         self.syncs = 0
+        self.lock = threading.Lock()
         super().__init__(name, "")
 
     # --- tracking
@@ -45,6 +51,10 @@ class PowerCutVFS(apsw.VFS):
 
     def sync_path(self, path: str) -> None:
         """Make every write to ``path`` so far durable (what fdatasync does)."""
+        with self.lock:
+            self._sync_locked(path)
+
+    def _sync_locked(self, path: str) -> None:
         if self.is_cut:
             return
         self.track(path)
@@ -89,10 +99,11 @@ class PowerCutVFS(apsw.VFS):
         return PowerCutFile(self, path, name, flags)
 
     def xDelete(self, filename: str, syncdir: bool) -> None:
-        if not self.is_cut:
-            super().xDelete(filename, syncdir)
-            self.durable[filename] = None
-            self.pending[filename] = []
+        with self.lock:
+            if not self.is_cut:
+                super().xDelete(filename, syncdir)
+                self.durable[filename] = None
+                self.pending[filename] = []
 
 
 class PowerCutFile(apsw.VFSFile):
@@ -100,22 +111,25 @@ class PowerCutFile(apsw.VFSFile):
         self._vfs = vfs
         self._path = path
         if path is not None:
-            vfs.track(path)
+            with vfs.lock:
+                vfs.track(path)
         super().__init__("", name, flags)
 
     def xWrite(self, data: bytes, offset: int) -> None:
-        if self._vfs.is_cut:
-            return
-        super().xWrite(data, offset)
-        if self._path is not None:
-            self._vfs.pending[self._path].append(("w", offset, bytes(data)))
+        with self._vfs.lock:
+            if self._vfs.is_cut:
+                return
+            super().xWrite(data, offset)
+            if self._path is not None:
+                self._vfs.pending[self._path].append(("w", offset, bytes(data)))
 
     def xTruncate(self, newsize: int) -> None:
-        if self._vfs.is_cut:
-            return
-        super().xTruncate(newsize)
-        if self._path is not None:
-            self._vfs.pending[self._path].append(("t", newsize, b""))
+        with self._vfs.lock:
+            if self._vfs.is_cut:
+                return
+            super().xTruncate(newsize)
+            if self._path is not None:
+                self._vfs.pending[self._path].append(("t", newsize, b""))
 
     def xSync(self, flags: int) -> None:
         if self._vfs.is_cut:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +442,82 @@ async def test_a_failed_log_write_fails_its_replies_and_the_log_goes_on(
         assert (2,) in rows  # acknowledged; 1 may or may not be there
 
 
+async def test_after_a_failed_log_write_no_later_record_of_its_actor_reaches_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch committed while the round before it was failing builds on a write that may
+    be lost. Its reply fails too, and its record is dropped: a record in the log must
+    follow one the log or the file holds durably, or recovery after a crash would refuse
+    the shard (or, without the check, apply it over a state without the lost write)."""
+    from shardlite.actor import Internal
+
+    entered = threading.Event()
+
+    class FailSlowly:
+        failed = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def fdatasync(self, fd: int) -> None:
+            if armed and not self.failed:
+                self.failed = True
+                entered.set()
+                time.sleep(0.3)  # the next batch commits meanwhile
+                raise OSError(5, "Input/output error")
+            os.fdatasync(fd)
+
+    armed = False
+    monkeypatch.setattr(shardlog_module, "os", FailSlowly())
+    results: dict[int, Any] = {}
+
+    async def insert(pool: Any, v: int) -> None:
+        try:
+            results[v] = await pool.call("k", Sql("INSERT INTO t VALUES (?)", [v]))
+        except Internal as exc:
+            results[v] = exc
+
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v)"))
+        armed = True
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(insert, pool, 1)
+            await trio.to_thread.run_sync(entered.wait)
+            nursery.start_soon(insert, pool, 2)
+        await pool.call("k", Sql("INSERT INTO t VALUES (3)"))
+    assert isinstance(results[1], Internal) and isinstance(results[2], Internal)
+    log = shardlog_module.ShardLog(str(tmp_path / "log"))
+    recovered = log.open()
+    log.close()
+    images = [msgspec.msgpack.decode(r.payload) for r in recovered.records["k"]]
+    assert not any(row == [2] for image in images for _, rows in image for _, row in rows)
+    assert any(row == [3] for image in images for _, rows in image for _, row in rows)
+
+
+async def test_a_checkpointer_sync_from_before_an_unlogged_batch_does_not_stand_for_its_sync(
+    tmp_path: Path,
+) -> None:
+    """A checkpointer pass takes an actor's last LSN, syncs its file in a thread, then
+    calls ``file_durable`` with that LSN. If a schema change (no log record: its own
+    file sync must make it durable) committed meanwhile, that call must not clear the
+    actor's pending sync: the power-cut soak found the batch after it logged with a
+    ``prev`` that neither the file nor the log held."""
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(v)"))
+        await pool.call("k", Sql("INSERT INTO t VALUES (1)"))
+        actor = pool._actors["k"]
+        durability = pool.durability
+        assert isinstance(durability, LogDurability)
+        before = actor.last_lsn
+        actor.last_lsn = before + 1  # the unlogged batch, committed after the sync began
+        actor.needs_file_sync = True
+        durability.file_durable(actor, before)
+        assert actor.needs_file_sync
+        durability.file_durable(actor, before + 1)
+        assert not actor.needs_file_sync
+        actor.last_lsn = before
+
+
 async def test_many_files_are_made_durable_with_one_syncfs_and_the_log_trimmed(
     tmp_path: Path,
 ) -> None:
@@ -472,11 +550,11 @@ def test_records_reserved_before_a_segment_switch_are_read_back_from_the_next_se
     log = shardlog_module.ShardLog(str(tmp_path), 256)
     log.open()
     first, second, third = log.reserve(), log.reserve(), log.reserve()
-    log.write(shardlog_module.encode_record(first, "k", b"a" * 300), first)  # fills it
+    log.write(shardlog_module.encode_record(first, "k", b"a" * 300, prev=0), first)  # fills it
     assert len(log.segments) == 2
     log.write(
-        shardlog_module.encode_record(second, "k", b"b")
-        + shardlog_module.encode_record(third, "k", b"c"),
+        shardlog_module.encode_record(second, "k", b"b", prev=first)
+        + shardlog_module.encode_record(third, "k", b"c", prev=second),
         third,
     )
     log.close()
@@ -567,3 +645,46 @@ async def test_a_commit_that_fails_leaves_no_record_for_recovery_to_replay(tmp_p
             assert (await pool.call("other", Sql("SELECT v FROM t"))).rows == [(3,)]
     finally:
         vfs.unregister()
+
+
+async def test_an_actor_file_older_than_the_log_is_not_replayed_into_a_state_that_never_was(
+    tmp_path: Path,
+) -> None:
+    """Each record names the LSN its key's file held before the batch. A file put back
+    from a hand-made copy, with the log trimmed past the copy's writes, would take the
+    later records' rows over the copy's: rows 1 and 9 without 2 to 8, a state the actor
+    never had. Recovery refuses the shard instead, naming the key and the segment."""
+    from shardlite.actor._keys import resolve_actor_path
+    from shardlite.actor._shardlog import LogDamaged
+
+    config = ActorConfig(log_segment_bytes=4 * 1024, log_checkpoint_interval_s=3600)
+    path = resolve_actor_path(str(tmp_path), "k")
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT)"))
+        await pool.call("k", Sql("INSERT INTO t VALUES (1, 'x')"))
+        copy = {suffix: Path(path + suffix).read_bytes() for suffix in ("", "-wal")}
+        for n in range(2, 9):
+            await pool.call("k", Sql("INSERT INTO t VALUES (?, ?)", [n, "x" * 1500]))
+        durability = pool.durability
+        assert isinstance(durability, LogDurability)
+        await durability.checkpoint_shard(durability.shards[str(tmp_path)])
+        await pool.call("k", Sql("INSERT INTO t VALUES (9, 'x')"))
+        assert durability.statistics()["trimmed_segments"] > 0
+    for suffix, data in copy.items():
+        Path(path + suffix).write_bytes(data)
+    segment = sorted((tmp_path / "log").glob("*.log"))[0]
+
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(LogDamaged, match="acknowledged writes are missing")
+    ) as caught:
+        async with open_actor_pool(config, str(tmp_path)):
+            pass
+    message = str(caught.value.exceptions[0])
+    assert "actor 'k'" in message and f"move {segment.name} and every later" in message
+
+    # the remedy the message gives keeps the file as it is
+    for later in sorted((tmp_path / "log").glob("*.log")):
+        if later.name >= segment.name:
+            later.rename(tmp_path / later.name)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        assert (await pool.call("k", Sql("SELECT id FROM t"))).rows == [(1,)]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,12 @@ import pytest
 
 from shardlite.actor import _shardlog as shardlog_module
 from shardlite.actor._shardlog import (
+    MAGIC,
     RECORD_HEADER,
+    RECORD_HEADER_V1,
     SEGMENT_HEADER,
+    SEGMENT_HEADER_V1,
+    LogCorrupt,
     LogDamaged,
     ShardLog,
     encode_record,
@@ -26,7 +32,7 @@ SEGMENT = 8 * 1024
 
 def _write(log: ShardLog, key: str, payload: bytes) -> bytes:
     lsn = log.reserve()
-    record = encode_record(lsn, key, payload)
+    record = encode_record(lsn, key, payload, prev=lsn - 1)
     log.write(record, lsn)
     return record
 
@@ -236,7 +242,7 @@ def test_a_failed_writes_torn_records_are_not_damage(
     lsn = log.reserve()
     failing.armed = True
     with pytest.raises(OSError):
-        log.write(encode_record(lsn, "k", b"never acknowledged" * 4), lsn)
+        log.write(encode_record(lsn, "k", b"never acknowledged" * 4, prev=0), lsn)
     log.start_segment()  # as the flusher does after a failed write
     _write(log, "k", b"after the failure")
     log.close()
@@ -262,3 +268,81 @@ def test_verify_log_reports_damage_in_completed_segments_only(tmp_path: Path) ->
     assert "acknowledged and are lost" in verify_log(str(tmp_path))[os.path.basename(completed)]
     log.close()
     assert verify_log(str(tmp_path / "no such shard")) == {}
+
+
+def test_a_segment_missing_between_two_stops_the_log_from_opening(tmp_path: Path) -> None:
+    """Each segment names the one written before it, so a segment file that is gone (not
+    damaged: gone, which no checksum can see) is found; the oldest segments going, as
+    trimming deletes them, is not damage."""
+    log = ShardLog(str(tmp_path / "log"), 512)
+    log.open()
+    for i in range(9):
+        _write(log, "k", bytes([i]) * 200)  # three per segment
+    segments = [path for _, path in log.segments]
+    log.close()
+    os.unlink(segments[1])
+
+    with pytest.raises(LogDamaged, match="which is missing") as caught:
+        ShardLog(str(tmp_path / "log"), 512).open()
+    message = str(caught.value)
+    assert os.path.basename(segments[1]) in message and segments[2] in message
+    assert verify_log(str(tmp_path)) == {os.path.basename(segments[2]): message}
+
+    # the remedy the message gives: the segment after the hole and every later one away
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for path in segments[2:]:
+        shutil.move(path, aside)
+    log, payloads, torn = _reopen(tmp_path / "log")
+    assert payloads == {"k": [bytes([i]) * 200 for i in range(3)]} and torn == 0
+    log.close()
+    os.unlink(segments[0])  # the oldest gone, as trimming deletes it: no hole
+    log, payloads, torn = _reopen(tmp_path / "log")
+    assert payloads == {} and torn == 0
+    log.close()
+    assert verify_log(str(tmp_path)) == {}
+
+
+def _v1_segment(directory: Path, first: int, records: list[tuple[int, str, bytes]]) -> None:
+    """A segment as a build before format version 2 wrote it (docs/shardlog.md)."""
+    header = SEGMENT_HEADER_V1.pack(MAGIC, 1, 0, first, 0, 0)
+    data = header[:-4] + struct.pack(">I", zlib.crc32(header[:-4]))
+    for lsn, key, payload in records:
+        body = struct.pack(">H", len(key)) + key.encode() + payload
+        crc = zlib.crc32(body, zlib.crc32(struct.pack(">QB", lsn, 1)))
+        data += RECORD_HEADER_V1.pack(len(body), crc, lsn, 1, 0, 0) + body
+    (directory / f"{first:016x}.log").write_bytes(data)
+
+
+def test_a_log_written_in_format_version_1_is_read_and_goes_on_in_version_2(
+    tmp_path: Path,
+) -> None:
+    tmp_path.joinpath("epoch").write_bytes((1).to_bytes(8, "big"))
+    first = 1 << 40 | 1
+    _v1_segment(tmp_path, first, [(first, "a", b"one"), (first + 1, "b", b"two")])
+
+    log = ShardLog(str(tmp_path), SEGMENT)
+    recovered = log.open()
+    assert [(r.lsn, r.payload, r.prev) for r in recovered.records["a"]] == [(first, b"one", None)]
+    assert [r.payload for r in recovered.records["b"]] == [b"two"]
+    assert log.epoch == 2
+    lsn = log.reserve()
+    log.write(encode_record(lsn, "a", b"three", prev=first), lsn)
+    log.close()
+
+    again = ShardLog(str(tmp_path), SEGMENT)
+    recovered = again.open()  # a version 2 segment after a version 1 one: linked
+    again.close()
+    assert [(r.payload, r.prev) for r in recovered.records["a"]] == [
+        (b"one", None),
+        (b"three", first),
+    ]
+
+
+def test_a_segment_of_a_later_format_version_is_refused(tmp_path: Path) -> None:
+    header = SEGMENT_HEADER.pack(MAGIC, 3, 0, 1, 0, 0, 0)
+    (tmp_path / f"{1:016x}.log").write_bytes(
+        header[:-4] + struct.pack(">I", zlib.crc32(header[:-4]))
+    )
+    with pytest.raises(LogCorrupt, match="format version 3; this build reads 1 to 2"):
+        ShardLog(str(tmp_path), SEGMENT).open()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import shardlite
+from shardlite.actor._shardlog import RECORD_HEADER, SEGMENT_HEADER
 
 
 def ops(data: Path, *args: str, check: bool = True) -> Any:
@@ -133,7 +134,7 @@ def test_verify_reads_the_completed_log_segments_of_a_running_shard(
     assert json.loads(ops(data, "verify", "--json").stdout)[0]["log_problems"] == {}
     completed = sorted((data / "shards" / "shard-00" / "log").glob("*.log"))[0]
     raw = bytearray(completed.read_bytes())
-    raw[32 + 20 + 5] ^= 0x01  # inside its first record
+    raw[SEGMENT_HEADER.size + RECORD_HEADER.size + 5] ^= 0x01  # inside its first record
     completed.write_bytes(bytes(raw))
 
     bad = ops(data, "verify", check=False)

@@ -16,6 +16,7 @@ import trio
 
 import shardlite
 from shardlite.actor import key_to_relpath
+from shardlite.actor._shardlog import RECORD_HEADER, SEGMENT_HEADER
 
 KEYS = [f"crash-{i}" for i in range(8)]
 WRITERS = 32
@@ -134,7 +135,7 @@ def test_a_damaged_log_segment_takes_its_shard_out_of_service_and_only_it(
     damaged = segments[bad_shard]  # its first segment was completed: 16 KiB of records
     assert len(damaged) >= 2
     with open(damaged[0], "r+b") as f:
-        f.seek(32 + 20 + 5)  # inside the first record
+        f.seek(SEGMENT_HEADER.size + RECORD_HEADER.size + 5)  # inside the first record
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 1]))
