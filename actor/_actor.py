@@ -61,6 +61,7 @@ class Actor(StatementRunner):
         self._cursor: apsw.Cursor | None = None
         self.init_runner()
         self.wal_pages = 0
+        self.page_size = config.page_size  # the file's own, once opened
         self.wal_since = 0.0  # time.monotonic() when the WAL last started empty
         # durability bookkeeping, owned by the DurabilityPolicy
         self.written_gen = 0
@@ -104,6 +105,11 @@ class Actor(StatementRunner):
             self.path, self.key, self.config, create=create, initial_lsn=initial_lsn
         )
         self._auth = auth
+        auth.trusted = True
+        try:  # the WAL's checkpoint threshold counts its pages
+            self.page_size = int(conn.pragma("page_size"))
+        finally:
+            auth.trusted = False
         if new_file:
             # a new file must survive a power cut whole, name and first transaction
             # (its tables, its key, its starting LSN) included

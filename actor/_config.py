@@ -27,6 +27,9 @@ DEFAULT_MAX_VALUE_BYTES = 2 << 20
 DEFAULT_MAX_SQL_BYTES = 100_000
 DEFAULT_MAX_RESULT_BYTES = 16 << 20
 DEFAULT_CHECKPOINT_WAL_BYTES = 4 << 20
+DEFAULT_PAGE_SIZE = 4096
+PAGE_SIZES = tuple(1 << n for n in range(9, 17))
+"""What SQLite accepts: powers of two from 512 to 65,536."""
 DEFAULT_FSYNC_THREADS = 4
 DEFAULT_LOG_SEGMENT_BYTES = 16 << 20
 DEFAULT_LOG_TRIM_BYTES = 64 << 20
@@ -66,6 +69,8 @@ class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_sql_bytes: int = DEFAULT_MAX_SQL_BYTES
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     checkpoint_wal_bytes: int = DEFAULT_CHECKPOINT_WAL_BYTES
+    page_size: int = DEFAULT_PAGE_SIZE
+    """SQLite page size of new actor files (an existing file keeps its own)."""
     fsync_threads: int = DEFAULT_FSYNC_THREADS
     log_segment_bytes: int = DEFAULT_LOG_SEGMENT_BYTES
     log_init_zero: bool = True

@@ -57,6 +57,8 @@ def open_actor_db(
     conn = apsw.Connection(path, flags=flags, vfs=config.vfs or ACTOR_VFS)
     try:
         conn.pragma("locking_mode", "exclusive")
+        if not exists:  # takes effect with the first write, the WAL switch below
+            conn.pragma("page_size", config.page_size)
         # a new file: the header change is synced under the default synchronous=FULL
         if conn.pragma("journal_mode") != "wal" and conn.pragma("journal_mode", "wal") != "wal":
             raise Internal(f"could not put {path} in WAL mode")

@@ -310,7 +310,7 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
             self.durability.forget(actor)
 
     def _ckpt_pages(self, actor: Actor) -> int:
-        return self.config.checkpoint_wal_bytes // 4096
+        return self.config.checkpoint_wal_bytes // actor.page_size
 
     def _on_released(self, actor: Actor) -> None:
         if actor.released is not None:

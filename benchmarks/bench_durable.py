@@ -26,7 +26,7 @@ from .common import (
     run_json,
     serve_shardlite,
 )
-from .data import actor_files
+from .data import DEFAULT_PAGE_SIZE, actor_files
 
 NAME = "durable"
 TITLE = durable_report.TITLE
@@ -49,22 +49,31 @@ than what follows."""
 
 
 class Case:
-    def __init__(self, kind: str, keys: int, conns: int = CONNS, window: int = WINDOW) -> None:
+    def __init__(
+        self,
+        kind: str,
+        keys: int,
+        conns: int = CONNS,
+        window: int = WINDOW,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> None:
         self.kind, self.keys, self.conns, self.window = kind, keys, conns, window
+        self.page_size = page_size
         self.runs: list[dict[str, Any]] = []
         self.data = ""
         self.cap = 0
-        self.extra = (conns, window) != (CONNS, WINDOW)
+        self.extra = (conns, window, page_size) != (CONNS, WINDOW, DEFAULT_PAGE_SIZE)
 
     @property
     def label(self) -> str:
+        pages = f", {self.page_size:,}-byte pages" if self.page_size != DEFAULT_PAGE_SIZE else ""
         if self.kind.startswith("pg"):
             return f"PostgreSQL 15, {self.kind[2:]} clients"
         if self.kind in FLOORS:
-            return FLOORS[self.kind]
-        if self.extra:
-            return f"shardlite {self.kind}, {self.conns}×{self.window} outstanding"
-        return f"shardlite {self.kind}"
+            return FLOORS[self.kind] + pages
+        if (self.conns, self.window) != (CONNS, WINDOW):
+            return f"shardlite {self.kind}, {self.conns}×{self.window} outstanding{pages}"
+        return f"shardlite {self.kind}{pages}"
 
 
 def _key_counts(quick: bool) -> list[int]:
@@ -73,6 +82,9 @@ def _key_counts(quick: bool) -> list[int]:
 
 UNCAPPED_KEYS = 9000
 """A contrast to 10,000: every actor stays open (below the descriptor cap), no churn."""
+SMALL_PAGES = 1024
+"""A contrast at 10,000 keys: actor files of 1 KiB pages (``--page-size``), a quarter of
+the bytes a one-row transaction writes."""
 
 
 def _cases(opts: Options, with_pg: bool) -> list[Case]:
@@ -83,6 +95,8 @@ def _cases(opts: Options, with_pg: bool) -> list[Case]:
         cases += [Case(mode, keys) for mode in MODES]
         if keys >= STEADY_KEYS:  # one write per transaction: where the floor binds
             cases += [Case(kind, keys) for kind in FLOORS]
+        if keys == 10_000:
+            cases += [Case(kind, keys, page_size=SMALL_PAGES) for kind in ("log", "apsw-lsn")]
         if keys == 1000:  # the latency target, at PostgreSQL's c64 concurrency too
             cases.append(Case("log", keys, CONNS, 64 // CONNS))
         if with_pg:
@@ -105,7 +119,11 @@ def _delta(after: dict[str, float], before: dict[str, float], name: str, secs: f
 
 
 def _shardlite_run(case: Case, seconds: float, warm: float) -> dict[str, Any]:
-    server, http, port = serve_shardlite(case.data, case.kind, "--max-open-actors", str(MAX_OPEN))
+    server, http, port = serve_shardlite(
+        case.data,
+        case.kind,
+        *("--max-open-actors", str(MAX_OPEN), "--page-size", str(case.page_size)),
+    )
     started = time.perf_counter()
     with server:
         if m := re.search(r"up to (\d+) open actors", server.log):
@@ -157,8 +175,10 @@ def run(opts: Options) -> SectionResult:
     cases = _cases(opts, with_pg=not missing)
     for case in cases:
         if not case.kind.startswith("pg"):
-            dest = os.path.join(opts.workdir, f"{case.kind}-{case.keys}-{case.window}")
-            case.data = actor_files(opts.cache, case.keys, dest)
+            dest = os.path.join(
+                opts.workdir, f"{case.kind}-{case.keys}-{case.window}-{case.page_size}"
+            )
+            case.data = actor_files(opts.cache, case.keys, dest, case.page_size)
     cluster = pg.Cluster(max_connections=max(PG_CLIENTS) + 20) if not missing else None
     pg_version = pg.version() if cluster else ""
     try:

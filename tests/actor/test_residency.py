@@ -251,6 +251,25 @@ async def test_a_wal_that_filled_slowly_is_truncated_at_its_checkpoint(
         assert (await pool.call("k", Sql("SELECT count(*) FROM t"))).rows == [(100,)]
 
 
+async def test_new_actor_files_get_the_configured_page_size_and_old_ones_keep_theirs(
+    tmp_path: Path,
+) -> None:
+    async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
+        await pool.call("old", Sql("CREATE TABLE t(v)"))
+    config = ActorConfig(page_size=1024, checkpoint_wal_bytes=WAL_LIMIT, durability=Durability.OS)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        sizes = {}
+        for key in ("old", "k"):
+            sizes[key] = (await pool.call(key, Sql("PRAGMA page_size"))).rows[0][0]
+        assert sizes == {"old": 4096, "k": 1024}
+        # the checkpoint threshold is in bytes, whatever the page size: the WAL of 1 KiB
+        # pages is checkpointed (and reused) at WAL_LIMIT, not at 4x it
+        _, wal_sizes = await _wal_sizes_through_checkpoints(pool, tmp_path)
+        assert WAL_LIMIT <= max(wal_sizes) < 2 * WAL_LIMIT
+        check = await pool.call("k", Sql("PRAGMA integrity_check"))
+        assert check.rows == [("ok",)]
+
+
 async def test_closing_the_pool_runs_queued_calls_and_keeps_their_writes(tmp_path: Path) -> None:
     results: list[Any] = []
 
