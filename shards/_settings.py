@@ -247,7 +247,7 @@ SETTINGS: tuple[Setting, ...] = (
         "choice",
         "SQLite page size of new actor files, in bytes (a file keeps the size it was created "
         "with). A small transaction writes whole pages to the WAL: with many keys each "
-        "writing a row at a time, 1024 writes a quarter of the bytes and gave about 1.6x the "
+        "writing a row at a time, 1024 writes a quarter of the bytes and gave about 1.2x the "
         "durable writes/s at 10,000 keys (docs/benchmarks.md), but rows over about 1,000 "
         "bytes then spill into overflow pages and large tables get deeper.",
         choices=tuple(str(n) for n in defaults.PAGE_SIZES),
