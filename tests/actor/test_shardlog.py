@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -451,7 +450,7 @@ async def test_after_a_failed_log_write_no_later_record_of_its_actor_reaches_the
     the shard (or, without the check, apply it over a state without the lost write)."""
     from shardlite.actor import Internal
 
-    entered = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     class FailSlowly:
         failed = False
@@ -463,7 +462,7 @@ async def test_after_a_failed_log_write_no_later_record_of_its_actor_reaches_the
             if armed and not self.failed:
                 self.failed = True
                 entered.set()
-                time.sleep(0.3)  # the next batch commits meanwhile
+                release.wait(10)  # until the next batch has committed
                 raise OSError(5, "Input/output error")
             os.fdatasync(fd)
 
@@ -484,6 +483,11 @@ async def test_after_a_failed_log_write_no_later_record_of_its_actor_reaches_the
             nursery.start_soon(insert, pool, 1)
             await trio.to_thread.run_sync(entered.wait)
             nursery.start_soon(insert, pool, 2)
+            shard = pool.durability.shards[str(tmp_path)]
+            with trio.fail_after(10):
+                while not shard.buffer:  # its record waits for the next round
+                    await trio.sleep(0.001)
+            release.set()
         await pool.call("k", Sql("INSERT INTO t VALUES (3)"))
     assert isinstance(results[1], Internal) and isinstance(results[2], Internal)
     log = shardlog_module.ShardLog(str(tmp_path / "log"))
