@@ -410,28 +410,37 @@ async def test_the_log_stays_bounded_and_recovery_after_trimming_loses_nothing(
     assert acked <= present
 
 
+class FailOneSync:
+    """Stands in for ``os`` in the shard log: once ``armed``, its next fdatasync fails
+    (EIO), after ``release`` is set if one is given (``entered`` tells it has begun)."""
+
+    def __init__(self, release: threading.Event | None = None) -> None:
+        self.armed = self.failed = False
+        self.entered, self.release = threading.Event(), release
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    def fdatasync(self, fd: int) -> None:
+        if self.armed and not self.failed:
+            self.failed = True
+            self.entered.set()
+            if self.release is not None:
+                self.release.wait(10)
+            raise OSError(5, "Input/output error")
+        os.fdatasync(fd)
+
+
 async def test_a_failed_log_write_fails_its_replies_and_the_log_goes_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from shardlite.actor import Internal
 
-    class FailOnce:
-        failed = False
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(os, name)
-
-        def fdatasync(self, fd: int) -> None:
-            if armed and not self.failed:
-                self.failed = True
-                raise OSError(5, "Input/output error")
-            os.fdatasync(fd)
-
-    armed = False
-    monkeypatch.setattr(shardlog_module, "os", FailOnce())
+    failing = FailOneSync()
+    monkeypatch.setattr(shardlog_module, "os", failing)
     async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
-        armed = True
+        failing.armed = True
         with pytest.raises(Internal, match="may or may not"):
             await pool.call("k", Sql("INSERT INTO t VALUES (1)"))
         await pool.call("k", Sql("INSERT INTO t VALUES (2)"))
@@ -450,24 +459,9 @@ async def test_after_a_failed_log_write_no_later_record_of_its_actor_reaches_the
     the shard (or, without the check, apply it over a state without the lost write)."""
     from shardlite.actor import Internal
 
-    entered, release = threading.Event(), threading.Event()
-
-    class FailSlowly:
-        failed = False
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(os, name)
-
-        def fdatasync(self, fd: int) -> None:
-            if armed and not self.failed:
-                self.failed = True
-                entered.set()
-                release.wait(10)  # until the next batch has committed
-                raise OSError(5, "Input/output error")
-            os.fdatasync(fd)
-
-    armed = False
-    monkeypatch.setattr(shardlog_module, "os", FailSlowly())
+    release = threading.Event()  # set once the next batch has committed
+    failing = FailOneSync(release)
+    monkeypatch.setattr(shardlog_module, "os", failing)
     results: dict[int, Any] = {}
 
     async def insert(pool: Any, v: int) -> None:
@@ -478,10 +472,10 @@ async def test_after_a_failed_log_write_no_later_record_of_its_actor_reaches_the
 
     async with open_actor_pool(ActorConfig(), str(tmp_path)) as pool:
         await pool.call("k", Sql("CREATE TABLE t(v)"))
-        armed = True
+        failing.armed = True
         async with trio.open_nursery() as nursery:
             nursery.start_soon(insert, pool, 1)
-            await trio.to_thread.run_sync(entered.wait)
+            await trio.to_thread.run_sync(failing.entered.wait)
             nursery.start_soon(insert, pool, 2)
             shard = pool.durability.shards[str(tmp_path)]
             with trio.fail_after(10):
@@ -682,7 +676,7 @@ async def test_an_actor_file_older_than_the_log_is_not_replayed_into_a_state_tha
         pytest.RaisesExc(LogDamaged, match="acknowledged writes are missing")
     ) as caught:
         async with open_actor_pool(config, str(tmp_path)):
-            pass
+            pytest.fail("the shard opened over a hole in its log")
     message = str(caught.value.exceptions[0])
     assert "actor 'k'" in message and f"move {segment.name} and every later" in message
 
