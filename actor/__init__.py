@@ -9,9 +9,11 @@ from ._app import Actor as ActorBase
 from ._app import App, load_app, method, workflow
 from ._appruntime import AppRuntime
 from ._config import ActorConfig, Durability
+from ._connection import DAMAGED_SUFFIX
 from ._durability import FsyncDurability, OsDurability, fdatasync_wal, make_durability
 from ._errors import (
     ERRORS_BY_CODE,
+    ActorDamaged,
     BadRequest,
     Constraint,
     Error,
@@ -82,11 +84,13 @@ from ._shardlog import LogCorrupt, Record, raise_log_epoch, read_log_epoch, veri
 from ._workflow import Workflow
 
 __all__ = [
+    "DAMAGED_SUFFIX",
     "ERRORS_BY_CODE",
     "MAX_KEY_BYTES",
     "Actor",
     "ActorBase",
     "ActorConfig",
+    "ActorDamaged",
     "ActorPool",
     "AlarmIndex",
     "App",

@@ -7,7 +7,7 @@ import os
 import apsw
 
 from ._config import ACTOR_VFS, ActorConfig
-from ._errors import Internal, NotFound
+from ._errors import ActorDamaged, Internal, NotFound
 from ._idempotency import IDEM_DDL
 from ._sandbox import Authorizer, harden, internal_sql
 
@@ -33,6 +33,9 @@ LSN_NUDGE = internal_sql("UPDATE _shardlite_lsn SET lsn = lsn + ? WHERE id = 1")
 fills a WAL frame (SQLite writes no page for an UPDATE that rewrites the same bytes)."""
 META_GET = internal_sql("SELECT value FROM _shardlite_meta WHERE name = ?")
 META_PUT = internal_sql("INSERT OR REPLACE INTO _shardlite_meta (name, value) VALUES (?, ?)")
+DAMAGED_SUFFIX = ".damaged"
+"""Beside an actor file: why recovery could not bring it up to its log (UTF-8 text).
+While it is there the actor is not opened (``ActorDamaged``)."""
 _HAS_META = internal_sql(
     "SELECT count(*) FILTER (WHERE name = '_shardlite_meta'), count(*) FROM sqlite_schema WHERE type = 'table'"
 )
@@ -48,6 +51,9 @@ def open_actor_db(
     the actor's job, see DESIGN.md), no autocheckpoint (checkpoints run off the loop),
     and a WAL kept for reuse after a checkpoint, trimmed to twice ``checkpoint_wal_bytes``.
     """
+    damage = read_damage(path)
+    if damage is not None:
+        raise ActorDamaged(f"actor {key!r} is not served: {damage}")
     exists = os.path.lexists(path)
     if not exists and not create:
         raise NotFound(f"actor {key!r} does not exist")
@@ -74,6 +80,15 @@ def open_actor_db(
         conn.close()
         raise
     return conn, authorizer
+
+
+def read_damage(path: str) -> str | None:
+    """Why the actor file at ``path`` is not served (None: it is)."""
+    try:
+        with open(path + DAMAGED_SUFFIX, encoding="utf-8", errors="replace") as f:
+            return f.read().strip() or "recovery found it damaged"
+    except FileNotFoundError:
+        return None
 
 
 def _check_or_init_meta(

@@ -134,6 +134,14 @@ class Unavailable(Error):
     retryable = True
 
 
+class ActorDamaged(Unavailable):
+    """The actor's file lacks acknowledged writes, or holds what its log records cannot
+    apply to (found by recovery): not served until an operator restores it or accepts
+    what it holds. Not retryable: retrying cannot help."""
+
+    retryable = False
+
+
 class Moved(Error):
     """The key now lives elsewhere; ``location`` says where. Retry there."""
 
@@ -220,5 +228,9 @@ def error_from_dict(data: dict[str, Any]) -> Error:
         return err
     if issubclass(cls, Overloaded):
         retry_after = float(details.pop("retry_after", 1.0))
-        return cls(message, retry_after=retry_after, **details)
-    return cls(message, **details)
+        err = cls(message, retry_after=retry_after, **details)
+    else:
+        err = cls(message, **details)
+    if "retryable" in data and bool(data["retryable"]) != err.retryable:
+        err.retryable = bool(data["retryable"])  # type: ignore[misc]  # (ActorDamaged, say)
+    return err

@@ -30,7 +30,7 @@ import trio
 
 from ._actor import Actor, Exclusive, State, sync_directory
 from ._config import ActorConfig
-from ._connection import LSN_SET, META_GET
+from ._connection import DAMAGED_SUFFIX, LSN_SET, META_GET
 from ._durability import DurabilityPolicy
 from ._errors import BadRequest, Error, NotFound
 
@@ -67,9 +67,10 @@ def _open_immutable(path: str) -> apsw.Connection:
 
 
 def remove_actor_files(path: str) -> bool:
-    """Delete an actor's file, WAL and shm, durably; whether the file existed. Blocking."""
+    """Delete an actor's file, WAL and shm (and a damage mark), durably; whether the file
+    existed. Blocking."""
     existed = False
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", DAMAGED_SUFFIX):
         try:
             os.unlink(path + suffix)
             existed = existed or suffix == ""
@@ -262,6 +263,8 @@ class HandoffMixin:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(actor.path + suffix)
             os.replace(staged, actor.path)
+            with contextlib.suppress(FileNotFoundError):  # the restore is the remedy
+                os.unlink(actor.path + DAMAGED_SUFFIX)
             sync_directory(os.path.dirname(actor.path))
             return None if at is None else float(at)
 

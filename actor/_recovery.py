@@ -7,6 +7,7 @@ moved shard (``shards/_shardfiles.py``). See docs/shardlog.md, "Applying records
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -14,25 +15,20 @@ from collections.abc import Callable
 
 import apsw
 
+from ._actor import sync_directory
 from ._capture import ReplayError, apply_record, load_tables
 from ._config import ActorConfig
-from ._connection import LSN_GET, LSN_SET, open_actor_db
-from ._errors import Error
+from ._connection import DAMAGED_SUFFIX, LSN_GET, LSN_SET, open_actor_db
+from ._errors import ActorDamaged, Error
 from ._keys import resolve_actor_path
-from ._shardlog import LOG_DIR, LogDamaged, Record, Recovered, ShardLog
+from ._shardlog import LOG_DIR, LogCorrupt, Record, Recovered, ShardLog
 
 log = logging.getLogger("shardlite.actor")
 
 
-class BrokenChain(LogDamaged):
-    """A key's next record in the log does not follow what its actor file holds: the
-    key's writes in between are in neither."""
-
-    def __init__(self, key: str, held: int, record: Record) -> None:
-        super().__init__(f"actor {key!r}: record {record.lsn:#x} does not follow its file")
-        self.key = key
-        self.held = held
-        self.record = record
+class RecoveryFailed(LogCorrupt):
+    """An actor file could not be read or written during recovery (an I/O error, a full
+    disk): the shard is not served, and recovery runs again when it is next attached."""
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -94,16 +90,15 @@ def replay_shard(
     of files took two fsyncs apiece, seconds before the shard served), or, on a VFS of
     its own (the power-cut tests) or without syncfs, with a checkpoint as each closes.
 
-    A key whose records stop following its file (``BrokenChain``) gets the ones that
-    still do; then, once the others are done and durable, the shard is refused
-    (``LogDamaged``): a record applied past the hole would build a state that never
-    existed.
+    A key whose records stop following its file, or do not apply to it, is marked
+    damaged (``replay_file``): the shard serves, that key answers ``ActorDamaged``. An
+    error that is not the file's or the log's content (I/O, a full disk) refuses the
+    shard (``RecoveryFailed``): recovery runs again when it is next attached.
 
     Returns how many files were brought up to date, and the next alarm time of every
     file opened that has an alarms table (the alarm index may have missed those).
     """
     replayed = 0
-    broken: list[BrokenChain] = []
     alarms: dict[str, float | None] = {}
     one_sync = HAVE_SYNCFS and config.vfs is None
     opened = 0
@@ -118,32 +113,46 @@ def replay_shard(
         opened += 1
         try:
             replayed += replay_file(path, key, records, config, alarms, checkpoint=not one_sync)
-        except BrokenChain as exc:
-            broken.append(exc)
-        except (apsw.Error, ReplayError, Error) as exc:
-            # one damaged file must not keep the whole shard from serving: its actor
-            # fails to open (and `ops verify` reports it); the others recover
+        except ActorDamaged as exc:  # marked by an earlier recovery, or just now
+            log.error("shard log %s: %s", directory, exc.message)
+        except Error as exc:  # a file of another key, say: no open of it will serve it
             log.error("shard log %s: actor %r not recovered: %s", directory, key, exc)
+        except (apsw.Error, OSError) as exc:
+            raise RecoveryFailed(
+                f"actor {key!r} could not be brought up to the shard log ({exc}); the shard "
+                "is not served until a recovery succeeds (it runs again at the next start)"
+            ) from exc
     if one_sync and opened:
         syncfs(directory)
-    if broken:
-        raise _hole(broken)
     return replayed, alarms
 
 
-def _hole(broken: list[BrokenChain]) -> LogDamaged:
-    first = min(broken, key=lambda b: b.record.lsn)
-    record = first.record
-    segment = os.path.basename(record.segment)
-    others = f" ({len(broken) - 1} other keys too)" if len(broken) > 1 else ""
-    return LogDamaged(
-        f"{record.segment} holds record {record.lsn:#x} of actor {first.key!r}, written "
-        f"after the key's write {record.prev:#x}, but the actor file holds {first.held:#x} "
-        f"and the log has no record of the key in between{others}: acknowledged writes are "
-        "missing (a log segment was lost, or an actor file was replaced by an older copy). "
-        "This shard's log is not replayed past a hole. Restore the shard from a backup, or, "
-        "to keep what the actor files hold and lose the writes that only the log had, move "
-        f"{segment} and every later segment out of the log directory"
+def mark_damaged(path: str, reason: str) -> None:
+    """Keep the actor file at ``path`` from being served, saying why: durable on return."""
+    marker = path + DAMAGED_SUFFIX
+    with open(marker + ".tmp", "w", encoding="utf-8") as f:
+        f.write(reason + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(marker + ".tmp", marker)
+    sync_directory(os.path.dirname(path))
+
+
+def _remedy(path: str) -> str:
+    return (
+        "Restore the actor from a backup (shardlite ops restore KEY --from DIR), or, to "
+        "serve what its file holds and lose the writes it lacks, delete "
+        f"{path}{DAMAGED_SUFFIX}"
+    )
+
+
+def _broken_chain(path: str, held: int, record: Record) -> str:
+    return (
+        f"its file holds its writes up to LSN {held:#x}, but its "
+        f"next record in the shard log, {record.lsn:#x} in {os.path.basename(record.segment)}, "
+        f"was written after {record.prev:#x}: acknowledged writes between are in neither (a "
+        "log segment was lost, or the file was put back from an older copy), and the "
+        "records after the hole were not applied. " + _remedy(path)
     )
 
 
@@ -166,47 +175,94 @@ def replay_file(
     alarms: dict[str, float | None],
     *,
     checkpoint: bool = True,
+    mark: bool = True,
 ) -> int:
     """Apply to the file the records past the LSN it holds; 1 if there were any.
 
     ``checkpoint``: the close checkpoints the file (durable on return). Without, the
     close keeps the WAL as it is, and the caller must sync the file system before the
-    records may be dropped. Raises :class:`BrokenChain` (after applying the records
-    before it) at a record that does not follow the file."""
-    conn, auth = open_actor_db(path, key, config, create=False)
+    records may be dropped.
+
+    A key whose records stop following its file (a record's ``prev`` is not the LSN the
+    file holds by then) gets the records before the hole: applied past it, they would
+    build a state that never existed. A record that does not apply rolls all of them
+    back. Either way the file is marked damaged (``mark_damaged``, durable first), its
+    LSN is moved past every record of the key (so that no later recovery finds the hole
+    again, and the key's next writes follow its file), and :class:`ActorDamaged` is
+    raised. Without ``prev`` (format version 1, shipped records) nothing is checked.
+    Without ``mark`` (a move's copy, which is then copied whole instead) the error is
+    raised as it is, and nothing is marked."""
+    try:
+        conn, auth = open_actor_db(path, key, config, create=False)
+    except _CONTENT_ERRORS as exc:
+        if not mark:
+            raise
+        reason = f"its file is damaged ({exc}). {_remedy(path)}"
+        mark_damaged(path, reason)
+        raise ActorDamaged(f"actor {key!r} is not served: {reason}") from exc
     if not checkpoint:
         conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
     try:
         auth.trusted = True
-        file_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
-        todo, unlinked = _linked([r for r in records if r.lsn > file_lsn], file_lsn)
-        if not todo:
-            _note_alarms(conn, key, alarms)
-            if unlinked is not None:
-                raise BrokenChain(key, file_lsn, unlinked)
-            return 0
-        conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
-        conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
-        conn.pragma("foreign_keys", False)
-        tables = load_tables(conn)
-        with conn:
-            for record in todo:
-                try:
-                    apply_record(conn, tables, record.payload)
-                except (apsw.Error, ReplayError) as exc:
-                    raise ReplayError(
-                        f"actor {key!r}: log record {record.lsn:#x} does not apply ({exc}); "
-                        "the file or the log is damaged"
-                    ) from exc
-            conn.execute(LSN_SET, (todo[-1].lsn,))
+        reason = ""
+        try:
+            file_lsn = int(conn.execute(LSN_GET).fetchall()[0][0])  # type: ignore[arg-type]
+            todo, unlinked = _linked([r for r in records if r.lsn > file_lsn], file_lsn)
+            if unlinked is not None:  # marked before anything moves the file's LSN
+                held = todo[-1].lsn if todo else file_lsn
+                reason = _broken_chain(path, held, unlinked)
+                if not mark:
+                    raise ReplayError(reason)
+                mark_damaged(path, reason)
+            if todo:
+                _apply(conn, todo, file_lsn, path)
+        except _CONTENT_ERRORS as exc:
+            if not mark:
+                raise
+            reason = str(exc) if isinstance(exc, ReplayError) else f"its file is damaged ({exc})"
+            reason = f"{reason}. {_remedy(path)}"
+            mark_damaged(path, reason)
+        if reason:
+            with contextlib.suppress(*_CONTENT_ERRORS), conn:  # (a damaged file may refuse)
+                conn.execute(LSN_SET, (records[-1].lsn,))  # its records are behind it now
         if checkpoint:
             conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
         _note_alarms(conn, key, alarms)
-        if unlinked is not None:
-            raise BrokenChain(key, todo[-1].lsn, unlinked)
-        return 1
+        if reason:
+            raise ActorDamaged(f"actor {key!r} is not served: {reason}")
+        return 1 if todo else 0
     finally:
         conn.close()
+
+
+_CONTENT_ERRORS = (
+    ReplayError,
+    apsw.ConstraintError,
+    apsw.CorruptError,
+    apsw.NotADBError,
+    apsw.SQLError,
+    apsw.MismatchError,
+)
+"""What the file's or the log's content causes (damage), unlike I/O errors or a full disk."""
+
+
+def _apply(conn: apsw.Connection, todo: list[Record], file_lsn: int, path: str) -> None:
+    """Apply ``todo`` in one transaction (all or none) and store the last one's LSN."""
+    conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
+    conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
+    conn.pragma("foreign_keys", False)
+    tables = load_tables(conn)
+    with conn:
+        for record in todo:
+            try:
+                apply_record(conn, tables, record.payload)
+            except _CONTENT_ERRORS as exc:
+                raise ReplayError(
+                    f"its log record {record.lsn:#x} does not apply to its file ({exc}): the "
+                    f"file or the log is damaged; none of its records past {file_lsn:#x} "
+                    "were applied"
+                ) from exc
+        conn.execute(LSN_SET, (todo[-1].lsn,))
 
 
 def _note_alarms(conn: apsw.Connection, key: str, into: dict[str, float | None]) -> None:

@@ -56,6 +56,9 @@ SEQ_BITS = 40
 TYPE_ROWS = 1
 DEFAULT_SEGMENT_BYTES = 16 << 20
 EPOCH_FILE = "epoch"
+TRIMMED_FILE = "trimmed"
+"""The first LSN of the oldest segment trimming kept (8 bytes): a log whose oldest
+segment starts above it has lost segments that were never trimmed."""
 LOG_DIR = "log"
 """The log's directory inside a shard's."""
 SEGMENT_SUFFIX = ".log"
@@ -183,6 +186,7 @@ class ShardLog:
             if not whole:
                 torn.append((last, TornSegment(path, end, _bytes_after(path, end))))
         _check_links(self.segments, links)
+        _check_oldest(self.directory, self.segments, _read_trimmed(self.directory))
         firsts = {path: (i, first) for i, (first, path) in enumerate(self.segments)}
         for last, segment in torn:
             i, first = firsts[segment.path]
@@ -315,9 +319,15 @@ class ShardLog:
     def trim(self, below: int) -> int:
         """Delete whole segments whose records all have LSNs below ``below``, oldest
         first, each deletion durable before the next (a crash must not leave a younger
-        segment deleted and an older one there: that is a missing segment)."""
+        segment deleted and an older one there: that is a missing segment). First the
+        trimmed mark names the segment that will be the oldest, so that an oldest segment
+        lost otherwise is found (``_check_oldest``)."""
         removed = 0
-        while len(self.segments) > 1 and self.segments[1][0] <= below:
+        while removed + 1 < len(self.segments) and self.segments[removed + 1][0] <= below:
+            removed += 1
+        if removed:  # the segment that will be the oldest, durable before any deletion
+            _write_trimmed(self.directory, self.segments[removed][0])
+        for _ in range(removed):
             _, path = self.segments.pop(0)
             self._sizes.pop(path, None)
             try:
@@ -325,7 +335,6 @@ class ShardLog:
             except FileNotFoundError:
                 pass
             sync_directory(self.directory)
-            removed += 1
         return removed
 
     def size_bytes(self) -> int:
@@ -381,6 +390,11 @@ def verify_log(shard_directory: str) -> dict[str, str]:
         return {}  # durability os or fsync, and nothing left to drain
     found = _list_segments(directory)
     problems = {}
+    trimmed = _read_trimmed(directory)  # after the listing: a trim meanwhile only raises it
+    try:
+        _check_oldest(directory, found, trimmed)
+    except LogDamaged as exc:
+        problems[f"{trimmed:016x}{SEGMENT_SUFFIX}"] = str(exc)
     for (first, path), (following, following_path) in itertools.pairwise(found):
         try:
             link = _read_link(following_path)
@@ -408,6 +422,44 @@ def _check_links(segments: list[tuple[int, str]], links: list[int | None]) -> No
         link = links[i]
         if link is not None and link != segments[i - 1][0]:
             raise LogDamaged(_missing_before(segments[i][1], link, segments[i - 1][1]))
+
+
+def _read_trimmed(directory: str) -> int:
+    """The trimmed mark (0: the log was never trimmed by a build that writes one)."""
+    try:
+        with open(os.path.join(directory, TRIMMED_FILE), "rb") as f:
+            return int.from_bytes(f.read(8), "big")
+    except FileNotFoundError:
+        return 0
+
+
+def _write_trimmed(directory: str, first: int) -> None:
+    """Make ``first`` the trimmed mark, durably (a new file renamed over the old)."""
+    path = os.path.join(directory, TRIMMED_FILE)
+    with open(path + ".tmp", "wb") as f:
+        f.write(first.to_bytes(8, "big"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    sync_directory(directory)
+
+
+def _check_oldest(directory: str, segments: list[tuple[int, str]], trimmed: int) -> None:
+    """Raise :class:`LogDamaged` if the oldest segment starts after the one trimming
+    kept: the segments before it were lost, not trimmed (the links cannot see this: the
+    oldest segment's predecessor is always gone). An oldest segment older than the mark
+    is one a crash kept from being trimmed."""
+    if not trimmed or (segments and segments[0][0] <= trimmed):
+        return
+    name = f"{trimmed:016x}{SEGMENT_SUFFIX}"
+    oldest = os.path.basename(segments[0][1]) if segments else "none"
+    raise LogDamaged(
+        f"{directory}: the log was trimmed up to the segment {name}, which is missing (its "
+        f"oldest segment is {oldest}): the records in it were acknowledged and are lost. "
+        "Restore the shard from a backup, or, to keep what the actor files hold and lose "
+        f"the writes that only the missing segments had, delete {TRIMMED_FILE} from the "
+        "log directory"
+    )
 
 
 def _missing_before(path: str, link: int, there: str) -> str:

@@ -186,15 +186,23 @@ def verify(shard: str | None, data: str, directory: str, as_json: bool) -> None:
             unknown = row["checked"] is None
             damaged = "-" if unknown else str(len(row["problems"]))
             log_state = "-" if unknown else "damaged" if row["log_problems"] else "ok"
-            checked = row["error"] or str(row["checked"])
+            checked = "not checked (below)" if row["error"] else str(row["checked"])
             table.add_row(row["shard"], row["owner"], checked, damaged, log_state)
         console = Console()
         console.print(table)
         for row in rows:
+            if row["error"]:
+                console.print(f"{row['shard']}: {row['error']}", markup=False, soft_wrap=True)
             for key, problem in sorted(row["problems"].items()):
-                console.print(f"{row['shard']}: actor {key!r}: {problem}", markup=False)
+                console.print(
+                    f"{row['shard']}: actor {key!r}: {problem}", markup=False, soft_wrap=True
+                )
             for segment, problem in sorted(row["log_problems"].items()):
-                console.print(f"{row['shard']}: log segment {segment}: {problem}", markup=False)
+                console.print(
+                    f"{row['shard']}: log segment {segment}: {problem}",
+                    markup=False,
+                    soft_wrap=True,
+                )
     if any(row["problems"] or row["log_problems"] or row["error"] for row in rows):
         raise SystemExit(1)
 

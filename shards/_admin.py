@@ -108,7 +108,10 @@ class Admin:
     def _served_dir(self, shard: str) -> str:
         if shard not in self.node.served:
             owner = self.node.placement.shards.get(shard)
-            where = f"it is served by {owner.owner}" if owner else "no such shard"
+            if shard in self.node.unservable:  # ours, but its log stopped it from opening
+                where = f"it cannot open: {self.node.unservable[shard]}"
+            else:
+                where = f"it is served by {owner.owner}" if owner else "no such shard"
             raise BadRequest(f"{shard} is not served by {self.node.id}: {where}")
         return shard_dir(self.data, shard)
 

@@ -113,9 +113,8 @@ def apply_records(
             failed.append(key)
             continue
         try:
-            replay_file(
-                path, key, [Record(lsn, key, payload) for lsn, payload in kept], config, alarms
-            )
+            shipped = [Record(lsn, key, payload) for lsn, payload in kept]
+            replay_file(path, key, shipped, config, alarms, mark=False)
         except Exception as exc:  # apsw.Error, ReplayError, a damaged copy
             log.warning("records of %r do not apply to its copy (%s): copying it whole", key, exc)
             failed.append(key)

@@ -26,6 +26,7 @@ import msgspec
 import trio
 
 from shardlite.actor import (
+    DAMAGED_SUFFIX,
     BadRequest,
     Unavailable,
     next_alarm_of_file,
@@ -202,7 +203,7 @@ def move_files(
         old = resolve_actor_path(source, key)
         new = resolve_actor_path(target, key)
         os.makedirs(os.path.dirname(new), mode=0o700, exist_ok=True)
-        for suffix in ("-wal", "-shm"):
+        for suffix in (DAMAGED_SUFFIX, "-wal", "-shm"):  # a damage mark goes first
             with contextlib.suppress(FileNotFoundError):
                 os.rename(old + suffix, new + suffix)
         os.rename(old, new)

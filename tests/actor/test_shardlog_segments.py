@@ -303,6 +303,65 @@ def test_a_segment_missing_between_two_stops_the_log_from_opening(tmp_path: Path
     assert verify_log(str(tmp_path)) == {}
 
 
+def test_an_oldest_segment_lost_after_a_trim_stops_the_log_from_opening(tmp_path: Path) -> None:
+    """Trimming names the segment it leaves as the oldest (the trimmed mark), so the
+    oldest segment going otherwise is found: the links cannot see it, and a key whose
+    records were all in it has no later record whose chain would break."""
+    log = ShardLog(str(tmp_path / "log"), 512)
+    log.open()
+    for i in range(12):
+        _write(log, f"k{i // 3}", bytes([i]) * 200)  # three per segment, a key each
+    segments = [(first, path) for first, path in log.segments]
+    assert log.trim(segments[2][0]) == 2  # k0's and k1's segments: their files are durable
+    assert [path for _, path in log.segments] == [path for _, path in segments[2:]]
+    log.close()
+    log, payloads, _ = _reopen(tmp_path / "log")  # trimmed, not lost
+    assert sorted(payloads) == ["k2", "k3"]
+    log.close()
+
+    os.unlink(segments[2][1])  # k2's only segment, never trimmed
+    with pytest.raises(LogDamaged, match="was trimmed up to the segment") as caught:
+        ShardLog(str(tmp_path / "log"), 512).open()
+    message = str(caught.value)
+    assert os.path.basename(segments[2][1]) in message
+    assert os.path.basename(segments[3][1]) in message  # the oldest that is there
+    assert verify_log(str(tmp_path)) == {os.path.basename(segments[2][1]): message}
+
+    # the remedy the message gives: accept the loss by deleting the mark
+    os.unlink(tmp_path / "log" / shardlog_module.TRIMMED_FILE)
+    log, payloads, torn = _reopen(tmp_path / "log")
+    assert sorted(payloads) == ["k3"] and torn == 0
+    log.close()
+    assert verify_log(str(tmp_path)) == {}
+
+
+def test_a_trim_cut_short_after_its_mark_leaves_older_segments_that_are_not_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark is durable before the first deletion; a crash in between leaves segments
+    older than the mark, which open as usual (their records are in the actor files)."""
+    log = ShardLog(str(tmp_path / "log"), 512)
+    log.open()
+    for i in range(9):
+        _write(log, "k", bytes([i]) * 200)
+    segments = list(log.segments)
+
+    def power_cut(path: str) -> None:
+        raise OSError("the power went")
+
+    monkeypatch.setattr(shardlog_module.os, "unlink", power_cut)
+    with pytest.raises(OSError, match="the power went"):
+        log.trim(segments[2][0])
+    monkeypatch.undo()
+    log.close()
+    assert all(os.path.exists(path) for _, path in segments)
+    log, payloads, torn = _reopen(tmp_path / "log")
+    assert payloads == {"k": [bytes([i]) * 200 for i in range(9)]} and torn == 0
+    assert log.trim(segments[2][0]) == 2  # the next trim finishes the job
+    log.close()
+    assert verify_log(str(tmp_path)) == {}
+
+
 def _v1_segment(directory: Path, first: int, records: list[tuple[int, str, bytes]]) -> None:
     """A segment as a build before format version 2 wrote it (docs/shardlog.md)."""
     header = SEGMENT_HEADER_V1.pack(MAGIC, 1, 0, first, 0, 0)

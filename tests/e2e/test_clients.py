@@ -15,6 +15,8 @@ import pytest
 import trio
 
 import shardlite
+from shardlite.actor import key_to_relpath
+from shardlite.actor._connection import DAMAGED_SUFFIX
 
 SERVER_ARGS = (
     "--max-request-bytes",
@@ -190,6 +192,33 @@ def test_sync_client_missing_things_are_not_found(url: str, key: str) -> None:
         with pytest.raises(shardlite.NotFound) as info:
             client.actor(f"{key}-never").export()
         check_error(info.value, shardlite.NotFound, "not_found")
+
+
+def test_sync_client_a_damaged_actor_is_unavailable_and_not_retryable(
+    url: str, key: str, module_server: Any
+) -> None:
+    """A damage mark beside an actor file (recovery writes one: docs/shardlog.md,
+    "Damage") keeps that key from being served until an operator acts; other keys serve."""
+    marks = [
+        Path(str(shard / key_to_relpath(key)) + DAMAGED_SUFFIX)
+        for shard in (module_server.data / "shards").iterdir()
+    ]
+    for mark in marks:  # the key's own shard is among them; the others never look
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text("its log record 0x1 does not apply to its file\n")
+    try:
+        with shardlite.connect(url) as client:
+            with pytest.raises(shardlite.Unavailable) as info:
+                client.actor(key).sql("SELECT 1")
+            assert info.value.code == "unavailable" and info.value.retryable is False
+            assert "is not served: its log record 0x1 does not apply" in info.value.message
+            assert client.actor(f"{key}-other").sql("SELECT 1").rows == [(1,)]
+            for mark in marks:
+                mark.unlink()
+            assert client.actor(key).sql("SELECT 1").rows == [(1,)]
+    finally:
+        for mark in marks:
+            mark.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("bad_key", INVALID_KEYS, ids=repr)

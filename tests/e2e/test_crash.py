@@ -159,6 +159,12 @@ def test_a_damaged_log_segment_takes_its_shard_out_of_service_and_only_it(
     assert ready.status_code == 200 and bad_shard in ready.json()["unservable"]
     metrics = httpx.get(f"{again.http_url}/metrics").text
     assert "\nshardlite_shards_unservable 1.0" in metrics
+    from tests.e2e.test_backup import ops
+
+    verify = ops(server.data, "verify", bad_shard, check=False)
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert f"{bad_shard}: {bad_shard} is not served by" in verify.stdout, verify.stdout
+    assert re.search(r"it cannot open: .* is damaged at byte", verify.stdout), verify.stdout
     assert again.terminate() == 0
 
     aside = tmp_path / "aside"
