@@ -109,6 +109,7 @@ class LogDurability:
         self._nursery: trio.Nursery | None = None
         self.recovered_records = 0
         self.recovered_actors = 0
+        self.damaged_actors = 0  # found by recovery, marked now or before
         self.recovered_alarms: dict[str, dict[str, float | None]] = {}
         """Per shard: the next alarm of every file recovery opened (for the alarm index)."""
         self.before_trim: Callable[[str], None] | None = None
@@ -133,7 +134,7 @@ class LogDurability:
         )
         recovered = await trio.to_thread.run_sync(shard_log.open)
         try:
-            replayed, alarms = await trio.to_thread.run_sync(
+            replayed, alarms, damaged = await trio.to_thread.run_sync(
                 replay_shard, directory, recovered, self.config
             )
         except BaseException:
@@ -150,6 +151,7 @@ class LogDurability:
                 torn.ignored_bytes,
             )
         self.recovered_actors += replayed
+        self.damaged_actors += len(damaged)
         if recovered.count:
             log.info(
                 "shard %s: %d log records, %d actor files brought up to date",
@@ -547,6 +549,7 @@ class LogDurability:
             "log_bytes": sum(s.log.size_bytes() for s in shards),
             "recovered_records": self.recovered_records,
             "recovered_actors": self.recovered_actors,
+            "damaged_actors": self.damaged_actors,
         }
 
 

@@ -69,7 +69,7 @@ def drain_shard_log(directory: str, config: ActorConfig) -> dict[str, float | No
     shard_log = ShardLog(log_dir, config.log_segment_bytes)
     recovered = shard_log.open()
     try:
-        _, alarms = replay_shard(directory, recovered, config)
+        _, alarms, _ = replay_shard(directory, recovered, config)
         shard_log.trim(shard_log.next_lsn())
     finally:
         shard_log.close()
@@ -78,7 +78,7 @@ def drain_shard_log(directory: str, config: ActorConfig) -> dict[str, float | No
 
 def replay_shard(
     directory: str, recovered: Recovered, config: ActorConfig
-) -> tuple[int, dict[str, float | None]]:
+) -> tuple[int, dict[str, float | None], list[str]]:
     """Bring every actor file of the shard up to the log. Blocking: runs before serving.
 
     For each key with records: open its file (a missing file was deleted: its records
@@ -95,10 +95,12 @@ def replay_shard(
     error that is not the file's or the log's content (I/O, a full disk) refuses the
     shard (``RecoveryFailed``): recovery runs again when it is next attached.
 
-    Returns how many files were brought up to date, and the next alarm time of every
-    file opened that has an alarms table (the alarm index may have missed those).
+    Returns how many files were brought up to date, the next alarm time of every file
+    opened that has an alarms table (the alarm index may have missed those), and the keys
+    found damaged (marked now or before).
     """
     replayed = 0
+    damaged: list[str] = []
     alarms: dict[str, float | None] = {}
     one_sync = HAVE_SYNCFS and config.vfs is None
     opened = 0
@@ -115,6 +117,7 @@ def replay_shard(
             replayed += replay_file(path, key, records, config, alarms, checkpoint=not one_sync)
         except ActorDamaged as exc:  # marked by an earlier recovery, or just now
             log.error("shard log %s: %s", directory, exc.message)
+            damaged.append(key)
         except Error as exc:  # a file of another key, say: no open of it will serve it
             log.error("shard log %s: actor %r not recovered: %s", directory, key, exc)
         except (apsw.Error, OSError) as exc:
@@ -124,7 +127,7 @@ def replay_shard(
             ) from exc
     if one_sync and opened:
         syncfs(directory)
-    return replayed, alarms
+    return replayed, alarms, damaged
 
 
 def mark_damaged(path: str, reason: str) -> None:

@@ -111,11 +111,27 @@ class Recovered:
 
 def read_log_epoch(shard_directory: str) -> int:
     """The epoch of a shard's log as its epoch file holds it (0: no log yet)."""
+    return _read_number(os.path.join(shard_directory, LOG_DIR, EPOCH_FILE))
+
+
+def _read_number(path: str) -> int:
+    """The 8-byte big-endian number a small file of the log holds (0: no such file)."""
     try:
-        with open(os.path.join(shard_directory, LOG_DIR, EPOCH_FILE), "rb") as f:
+        with open(path, "rb") as f:
             return int.from_bytes(f.read(8), "big")
     except FileNotFoundError:
         return 0
+
+
+def _write_number(path: str, value: int) -> None:
+    """Make ``value`` what the file at ``path`` holds, durably: a new file is written,
+    fsynced and renamed over it, and the directory fsynced."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(value.to_bytes(8, "big"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    sync_directory(os.path.dirname(path))
 
 
 def raise_log_epoch(shard_directory: str, epoch: int) -> None:
@@ -123,15 +139,8 @@ def raise_log_epoch(shard_directory: str, epoch: int) -> None:
     from another host: its files hold LSNs of the source's log). Durable on return."""
     directory = os.path.join(shard_directory, LOG_DIR)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    if read_log_epoch(shard_directory) >= epoch:
-        return
-    path = os.path.join(directory, EPOCH_FILE)
-    with open(path + ".tmp", "wb") as f:
-        f.write(epoch.to_bytes(8, "big"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    sync_directory(directory)
+    if read_log_epoch(shard_directory) < epoch:
+        _write_number(os.path.join(directory, EPOCH_FILE), epoch)
 
 
 def encode_record(lsn: int, key: str, payload: bytes, *, prev: int) -> bytes:
@@ -204,21 +213,10 @@ class ShardLog:
 
     def _bump_epoch(self) -> int:
         path = os.path.join(self.directory, EPOCH_FILE)
-        try:
-            with open(path, "rb") as f:
-                epoch = int.from_bytes(f.read(8), "big")
-        except FileNotFoundError:
-            epoch = 0
-        epoch += 1
+        epoch = _read_number(path) + 1
         if epoch >= 1 << (64 - SEQ_BITS):
             raise LogCorrupt(f"{path}: epoch {epoch} is out of range")
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.write(epoch.to_bytes(8, "big"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        sync_directory(self.directory)
+        _write_number(path, epoch)
         return epoch
 
     def wants_spare(self) -> bool:
@@ -426,22 +424,11 @@ def _check_links(segments: list[tuple[int, str]], links: list[int | None]) -> No
 
 def _read_trimmed(directory: str) -> int:
     """The trimmed mark (0: the log was never trimmed by a build that writes one)."""
-    try:
-        with open(os.path.join(directory, TRIMMED_FILE), "rb") as f:
-            return int.from_bytes(f.read(8), "big")
-    except FileNotFoundError:
-        return 0
+    return _read_number(os.path.join(directory, TRIMMED_FILE))
 
 
 def _write_trimmed(directory: str, first: int) -> None:
-    """Make ``first`` the trimmed mark, durably (a new file renamed over the old)."""
-    path = os.path.join(directory, TRIMMED_FILE)
-    with open(path + ".tmp", "wb") as f:
-        f.write(first.to_bytes(8, "big"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    sync_directory(directory)
+    _write_number(os.path.join(directory, TRIMMED_FILE), first)
 
 
 def _check_oldest(directory: str, segments: list[tuple[int, str]], trimmed: int) -> None:

@@ -213,6 +213,12 @@ class _PoolCollector(Collector):
                     "Actor files recovery brought up to date from a shard log.",
                     dur["recovered_actors"],
                 ),
+                (
+                    "shardlite_log_damaged_actors",
+                    "Actor keys recovery found damaged (marked <file>.db.damaged: each answers "
+                    "503 until restored or accepted; see docs/shardlog.md, Damage).",
+                    dur["damaged_actors"],
+                ),
             ):
                 yield CounterMetricFamily(name, help_text, value)
             yield GaugeMetricFamily(

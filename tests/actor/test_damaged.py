@@ -72,6 +72,9 @@ async def test_a_hole_in_a_keys_log_marks_that_key_damaged_and_the_shard_serves(
             problem = await pool.verify("k")
             assert "acknowledged writes between are in neither" in problem
             assert await pool.verify("other") == ""
+            durability = pool.durability
+            assert isinstance(durability, LogDurability)
+            assert durability.statistics()["damaged_actors"] == 1  # /metrics has it
 
     # accepting what the file holds: delete the mark; the key serves the copy's rows,
     # and its next writes chain on from its file (no hole found at the next recovery)
