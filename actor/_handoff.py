@@ -69,16 +69,16 @@ def _open_immutable(path: str) -> apsw.Connection:
 def remove_actor_files(path: str) -> bool:
     """Delete an actor's file, WAL and shm (and a damage mark), durably; whether the file
     existed. Blocking."""
-    existed = False
+    removed = set()
     for suffix in ("", "-wal", "-shm", DAMAGED_SUFFIX):
         try:
             os.unlink(path + suffix)
-            existed = existed or suffix == ""
+            removed.add(suffix)
         except FileNotFoundError:
             pass  # not there: nothing to delete
-    if existed:
+    if removed:
         sync_directory(os.path.dirname(path))
-    return existed
+    return "" in removed
 
 
 def next_alarm_of_file(path: str) -> float | None:

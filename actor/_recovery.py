@@ -218,7 +218,7 @@ def replay_file(
                     raise ReplayError(reason)
                 mark_damaged(path, reason)
             if todo:
-                _apply(conn, todo, file_lsn, path)
+                _apply(conn, todo, file_lsn)
         except _CONTENT_ERRORS as exc:
             if not mark:
                 raise
@@ -249,7 +249,7 @@ _CONTENT_ERRORS = (
 """What the file's or the log's content causes (damage), unlike I/O errors or a full disk."""
 
 
-def _apply(conn: apsw.Connection, todo: list[Record], file_lsn: int, path: str) -> None:
+def _apply(conn: apsw.Connection, todo: list[Record], file_lsn: int) -> None:
     """Apply ``todo`` in one transaction (all or none) and store the last one's LSN."""
     conn.config(apsw.SQLITE_DBCONFIG_ENABLE_TRIGGER, 0)
     conn.config(apsw.SQLITE_DBCONFIG_DEFENSIVE, 0)
