@@ -217,6 +217,8 @@ class LogDurability:
             return  # nothing written
         shard = self.shard_of(actor)
         lsn = shard.log.reserve()
+        if lsn <= actor.last_lsn:  # the file is ahead of this log: see _behind_the_file
+            lsn = self._behind_the_file(shard, actor)
         record = None if actor.schema_changed else actor.take_record()
         actor.write_lsn(lsn)  # not captured: replay writes the LSN of the last record
         prev = actor.last_lsn  # what the file holds before this batch: the record names it
@@ -241,6 +243,24 @@ class LogDurability:
             self._ship(shard, actor.key, lsn, record)
         shard.unsynced.setdefault(actor, lsn)
         shard.wake.set()
+
+    @staticmethod
+    def _behind_the_file(shard: _Shard, actor: Actor) -> int:
+        """An actor file holds an LSN this shard's log has not given out yet: the log
+        directory was lost or replaced since the file was written. A record below the
+        file's LSN would be skipped by recovery and its reply released as if the file
+        held it, so the log's LSNs jump past the file's first."""
+        epoch = shard.log.advance_epoch(actor.last_lsn)
+        log.error(
+            "shard log %s is behind actor %r (its file holds LSN %#x): the log directory was "
+            "lost or replaced, and writes only the old log held are gone (restore the shard "
+            "from a backup if it was not shut down cleanly); its LSNs now start at epoch %d",
+            shard.directory,
+            actor.key,
+            actor.last_lsn,
+            epoch,
+        )
+        return shard.log.reserve()
 
     def commit_failed(self, actor: Actor) -> None:
         """Take back the record :meth:`before_commit` buffered: recovery would apply a

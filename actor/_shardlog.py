@@ -203,7 +203,8 @@ class ShardLog:
             _check_tail(segment, first, last, following)
             recovered.torn += 1
             recovered.torn_segments.append(segment)
-        self.epoch = self._bump_epoch()
+        newest = max([first for first, _ in self.segments] + [_read_trimmed(self.directory)])
+        self.epoch = self._bump_epoch(newest >> SEQ_BITS)
         self._seq = 0
         self._written_lsn = self.epoch << SEQ_BITS
         if self.init_zero:
@@ -211,13 +212,27 @@ class ShardLog:
         self.start_segment()
         return recovered
 
-    def _bump_epoch(self) -> int:
+    def _bump_epoch(self, seen: int) -> int:
+        """One above the epoch file's, and above ``seen`` (the newest segment's: an epoch
+        file lost or put back from an older copy must not make LSNs go back)."""
         path = os.path.join(self.directory, EPOCH_FILE)
-        epoch = _read_number(path) + 1
+        epoch = max(_read_number(path), seen) + 1
         if epoch >= 1 << (64 - SEQ_BITS):
             raise LogCorrupt(f"{path}: epoch {epoch} is out of range")
         _write_number(path, epoch)
         return epoch
+
+    def advance_epoch(self, above: int) -> int:
+        """Make every later LSN greater than ``above`` (an LSN some actor file holds that
+        this log never gave out: its directory was lost or replaced), durably. Returns the
+        new epoch. Blocking, but rare; on the thread that calls ``reserve``."""
+        epoch = (above >> SEQ_BITS) + 1
+        if epoch > self.epoch:
+            if epoch >= 1 << (64 - SEQ_BITS):
+                raise LogCorrupt(f"{self.directory}: epoch {epoch} is out of range")
+            _write_number(os.path.join(self.directory, EPOCH_FILE), epoch)
+            self.epoch, self._seq = epoch, 0
+        return self.epoch
 
     def wants_spare(self) -> bool:
         """Time to prepare the next segment (``prepare_spare``): the active one is half

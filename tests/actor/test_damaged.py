@@ -1,6 +1,7 @@
-"""An actor file that recovery cannot bring up to the shard log is marked damaged: that
-key answers 503 (not retryable) until an operator restores it or accepts what its file
-holds, and the rest of its shard serves (docs/shardlog.md, "Damage")."""
+"""When the shard log and an actor file disagree. A file recovery cannot bring up to the
+log is marked damaged: that key answers 503 (not retryable) until an operator restores
+it or accepts what its file holds, and the rest of its shard serves (docs/shardlog.md,
+"Damage"). A log whose own files were lost does not hand out LSNs below the files'."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ async def _write_k_and_other(tmp_path: Path, *, trim: bool) -> dict[str, bytes]:
 
 def _put_back(tmp_path: Path, copy: dict[str, bytes]) -> str:
     path = resolve_actor_path(str(tmp_path), "k")
+    for suffix in ("-wal", "-shm"):
+        Path(path + suffix).unlink(missing_ok=True)
     for suffix, data in copy.items():
         Path(path + suffix).write_bytes(data)
     return path
@@ -143,3 +146,38 @@ async def test_a_split_carries_a_damage_mark_with_its_file(tmp_path: Path) -> No
     async with open_actor_pool(CONFIG, str(target)) as pool:
         with pytest.raises(ActorDamaged, match="is not served: lost writes"):
             await _rows(pool, "k")
+
+
+async def test_a_lost_log_directory_does_not_make_lsns_go_back(tmp_path: Path) -> None:
+    """With its log directory gone, a shard's new log would start at epoch 1 again,
+    below the LSNs its actor files hold: recovery would skip the new records and replies
+    would leave before their flush. The log's LSNs jump past the file's first."""
+    import shutil
+
+    path = resolve_actor_path(str(tmp_path), "k")
+    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT)"))
+        for n in range(1, 4):
+            await pool.call("k", Sql("INSERT INTO t VALUES (?, 'x')", [n]))
+    copy = {s: Path(path + s).read_bytes() for s in ("", "-wal") if os.path.exists(path + s)}
+    shutil.rmtree(tmp_path / "log")
+    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
+        await pool.call("k", Sql("INSERT INTO t VALUES (4, 'x')"))
+    assert list((tmp_path / "log").glob("*.log"))  # the record of row 4 is still there
+    _put_back(tmp_path, copy)  # the file as it was before row 4: the log must have it
+    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
+        assert await _rows(pool, "k") == [(1,), (2,), (3,), (4,)]
+
+
+def test_a_lost_epoch_file_does_not_make_lsns_go_back(tmp_path: Path) -> None:
+    from shardlite.actor._shardlog import EPOCH_FILE, SEQ_BITS, ShardLog
+
+    for _ in range(3):
+        log = ShardLog(str(tmp_path), 4096)
+        log.open()
+        log.close()
+    (tmp_path / EPOCH_FILE).unlink()
+    log = ShardLog(str(tmp_path), 4096)
+    log.open()
+    assert log.epoch == 4 and log.reserve() >> SEQ_BITS == 4
+    log.close()
