@@ -24,6 +24,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import apsw
 import trio
 import trio.lowlevel
 
@@ -32,7 +33,7 @@ from ._config import ActorConfig
 from ._errors import Error, Internal
 from ._ops import Result
 from ._recovery import HAVE_SYNCFS, replay_shard, syncfs
-from ._shardlog import LOG_DIR, ShardLog, encode_record, read_log_epoch
+from ._shardlog import LOG_DIR, LogCorrupt, ShardLog, encode_record, read_log_epoch
 
 log = logging.getLogger("shardlite.actor")
 
@@ -250,7 +251,10 @@ class LogDurability:
         directory was lost or replaced since the file was written. A record below the
         file's LSN would be skipped by recovery and its reply released as if the file
         held it, so the log's LSNs jump past the file's first."""
-        epoch = shard.log.advance_epoch(actor.last_lsn)
+        try:
+            epoch = shard.log.advance_epoch(actor.last_lsn)
+        except (OSError, LogCorrupt) as exc:  # the batch fails (rolled back), nothing else
+            raise apsw.IOError(f"shard log {shard.directory}: {exc}") from exc
         log.error(
             "shard log %s is behind actor %r (its file holds LSN %#x): the log directory was "
             "lost or replaced, and writes only the old log held are gone (restore the shard "

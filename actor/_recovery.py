@@ -229,8 +229,18 @@ def replay_file(
             with contextlib.suppress(*_CONTENT_ERRORS), conn:  # (a damaged file may refuse)
                 conn.execute(LSN_SET, (records[-1].lsn,))  # its records are behind it now
         if checkpoint:
-            conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
-        _note_alarms(conn, key, alarms)
+            try:
+                conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
+            except _CONTENT_ERRORS as exc:  # what it applied may not be durable: not served
+                if not mark:
+                    raise
+                if not reason:
+                    reason = f"its file is damaged ({exc}). {_remedy(path)}"
+                    mark_damaged(path, reason)
+        try:
+            _note_alarms(conn, key, alarms)
+        except _CONTENT_ERRORS as exc:  # its alarms may not fire; its rows are whole
+            log.error("actor %r: its alarms could not be read (%s)", key, exc)
         if reason:
             raise ActorDamaged(f"actor {key!r} is not served: {reason}")
         return 1 if todo else 0

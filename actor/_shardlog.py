@@ -116,18 +116,28 @@ def read_log_epoch(shard_directory: str) -> int:
 
 def _read_number(path: str) -> int:
     """The 8-byte big-endian number a small file of the log holds (0: no such file)."""
+    return _read_numbers(path, 1)[0]
+
+
+def _read_numbers(path: str, count: int) -> tuple[int, ...]:
+    """The ``count`` 8-byte big-endian numbers a small file of the log holds (zeros: no
+    such file, or a shorter one)."""
     try:
         with open(path, "rb") as f:
-            return int.from_bytes(f.read(8), "big")
+            data = f.read(8 * count)
     except FileNotFoundError:
-        return 0
+        data = b""
+    if len(data) < 8 * count:
+        return (0,) * count
+    return tuple(int.from_bytes(data[i : i + 8], "big") for i in range(0, 8 * count, 8))
 
 
-def _write_number(path: str, value: int) -> None:
-    """Make ``value`` what the file at ``path`` holds, durably: a new file is written,
-    fsynced and renamed over it, and the directory fsynced."""
+def _write_numbers(path: str, *values: int) -> None:
+    """Make ``values`` what the file at ``path`` holds (8 bytes each, big-endian),
+    durably: a new file is written, fsynced and renamed over it, and the directory
+    fsynced."""
     with open(path + ".tmp", "wb") as f:
-        f.write(value.to_bytes(8, "big"))
+        f.write(b"".join(value.to_bytes(8, "big") for value in values))
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
@@ -140,7 +150,7 @@ def raise_log_epoch(shard_directory: str, epoch: int) -> None:
     directory = os.path.join(shard_directory, LOG_DIR)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     if read_log_epoch(shard_directory) < epoch:
-        _write_number(os.path.join(directory, EPOCH_FILE), epoch)
+        _write_numbers(os.path.join(directory, EPOCH_FILE), epoch)
 
 
 def encode_record(lsn: int, key: str, payload: bytes, *, prev: int) -> bytes:
@@ -163,6 +173,8 @@ class ShardLog:
         self.init_zero = init_zero
         self._spare: tuple[int, str] | None = None  # the prepared next segment: fd, path
         self._spare_lock = threading.Lock()  # the spare is made in another thread
+        self._mark_lock = threading.Lock()  # trim (a worker thread) and advance_epoch
+        self._trimmed = 0  # the first LSN of the oldest segment trimming keeps
         self._spares_made = 0  # each spare has a name of its own (a switch may overlap)
         self._closed = False
         self.spares_used = 0
@@ -187,15 +199,18 @@ class ShardLog:
         recovered = Recovered()
         torn: list[tuple[int, TornSegment]] = []  # with the LSN of the last record read
         links: list[int | None] = []
+        newest = 0  # LSN seen: of a segment's start or a record
         for first, path in _list_segments(self.directory):
             self.segments.append((first, path))
             whole, end, last, link = _read_segment(path, recovered)
             links.append(link)
+            newest = max(newest, first, last)
             self._sizes[path] = end
             if not whole:
                 torn.append((last, TornSegment(path, end, _bytes_after(path, end))))
         _check_links(self.segments, links)
-        _check_oldest(self.directory, self.segments, _read_trimmed(self.directory))
+        trimmed = _read_trimmed(self.directory)
+        _check_oldest(self.directory, self.segments, trimmed)
         firsts = {path: (i, first) for i, (first, path) in enumerate(self.segments)}
         for last, segment in torn:
             i, first = firsts[segment.path]
@@ -203,13 +218,14 @@ class ShardLog:
             _check_tail(segment, first, last, following)
             recovered.torn += 1
             recovered.torn_segments.append(segment)
-        newest = max([first for first, _ in self.segments] + [_read_trimmed(self.directory)])
-        self.epoch = self._bump_epoch(newest >> SEQ_BITS)
+        self.epoch = self._bump_epoch(max(newest, trimmed or 0) >> SEQ_BITS)
         self._seq = 0
         self._written_lsn = self.epoch << SEQ_BITS
         if self.init_zero:
             self.prepare_spare()
         self.start_segment()
+        self._trimmed = self.segments[0][0]
+        _write_trimmed(self.directory, self.epoch, self._trimmed)
         return recovered
 
     def _bump_epoch(self, seen: int) -> int:
@@ -219,7 +235,7 @@ class ShardLog:
         epoch = max(_read_number(path), seen) + 1
         if epoch >= 1 << (64 - SEQ_BITS):
             raise LogCorrupt(f"{path}: epoch {epoch} is out of range")
-        _write_number(path, epoch)
+        _write_numbers(path, epoch)
         return epoch
 
     def advance_epoch(self, above: int) -> int:
@@ -230,8 +246,10 @@ class ShardLog:
         if epoch > self.epoch:
             if epoch >= 1 << (64 - SEQ_BITS):
                 raise LogCorrupt(f"{self.directory}: epoch {epoch} is out of range")
-            _write_number(os.path.join(self.directory, EPOCH_FILE), epoch)
-            self.epoch, self._seq = epoch, 0
+            with self._mark_lock:  # the mark is trusted only with the epoch file's epoch
+                _write_numbers(os.path.join(self.directory, EPOCH_FILE), epoch)
+                self.epoch, self._seq = epoch, 0
+                _write_trimmed(self.directory, epoch, self._trimmed)
         return self.epoch
 
     def wants_spare(self) -> bool:
@@ -339,7 +357,9 @@ class ShardLog:
         while removed + 1 < len(self.segments) and self.segments[removed + 1][0] <= below:
             removed += 1
         if removed:  # the segment that will be the oldest, durable before any deletion
-            _write_trimmed(self.directory, self.segments[removed][0])
+            with self._mark_lock:
+                self._trimmed = self.segments[removed][0]
+                _write_trimmed(self.directory, self.epoch, self._trimmed)
         for _ in range(removed):
             _, path = self.segments.pop(0)
             self._sizes.pop(path, None)
@@ -437,24 +457,30 @@ def _check_links(segments: list[tuple[int, str]], links: list[int | None]) -> No
             raise LogDamaged(_missing_before(segments[i][1], link, segments[i - 1][1]))
 
 
-def _read_trimmed(directory: str) -> int:
-    """The trimmed mark (0: the log was never trimmed by a build that writes one)."""
-    return _read_number(os.path.join(directory, TRIMMED_FILE))
+def _read_trimmed(directory: str) -> int | None:
+    """The trimmed mark's first LSN, if it can be trusted: the run that last opened the
+    log wrote it (its epoch is the epoch file's). A build from before the mark trims
+    without writing it, and always bumps the epoch: its mark is stale. None: no check."""
+    epoch, first = _read_numbers(os.path.join(directory, TRIMMED_FILE), 2)
+    if not first or epoch != _read_number(os.path.join(directory, EPOCH_FILE)):
+        return None
+    return first
 
 
-def _write_trimmed(directory: str, first: int) -> None:
-    _write_number(os.path.join(directory, TRIMMED_FILE), first)
+def _write_trimmed(directory: str, epoch: int, first: int) -> None:
+    _write_numbers(os.path.join(directory, TRIMMED_FILE), epoch, first)
 
 
-def _check_oldest(directory: str, segments: list[tuple[int, str]], trimmed: int) -> None:
+def _check_oldest(directory: str, segments: list[tuple[int, str]], trimmed: int | None) -> None:
     """Raise :class:`LogDamaged` if the oldest segment starts after the one trimming
     kept: the segments before it were lost, not trimmed (the links cannot see this: the
     oldest segment's predecessor is always gone). An oldest segment older than the mark
-    is one a crash kept from being trimmed."""
-    if not trimmed or (segments and segments[0][0] <= trimmed):
+    is one a crash kept from being trimmed. No segment at all is what the remedy for a
+    damaged one leaves (every segment from it on moved out), not damage."""
+    if not trimmed or not segments or segments[0][0] <= trimmed:
         return
     name = f"{trimmed:016x}{SEGMENT_SUFFIX}"
-    oldest = os.path.basename(segments[0][1]) if segments else "none"
+    oldest = os.path.basename(segments[0][1])
     raise LogDamaged(
         f"{directory}: the log was trimmed up to the segment {name}, which is missing (its "
         f"oldest segment is {oldest}): the records in it were acknowledged and are lost. "

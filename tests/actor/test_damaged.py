@@ -181,3 +181,39 @@ def test_a_lost_epoch_file_does_not_make_lsns_go_back(tmp_path: Path) -> None:
     log.open()
     assert log.epoch == 4 and log.reserve() >> SEQ_BITS == 4
     log.close()
+
+
+async def test_unreadable_alarms_do_not_keep_a_key_or_its_shard_from_serving(
+    tmp_path: Path,
+) -> None:
+    """Recovery reads each file's next alarm after applying its records; a damaged page
+    there is logged, and the records applied are served."""
+    path = resolve_actor_path(str(tmp_path), "k")
+    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, pad TEXT)"))
+    conn = apsw.Connection(path)
+    conn.execute("CREATE TABLE _shardlite_alarms(name TEXT PRIMARY KEY, at REAL)")
+    conn.execute(
+        "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < 2000) "
+        "INSERT INTO _shardlite_alarms SELECT 'a' || n, n FROM s"
+    )
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    copy = {s: Path(path + s).read_bytes() for s in ("", "-wal") if os.path.exists(path + s)}
+    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
+        for n in range(1, 4):
+            await pool.call("k", Sql("INSERT INTO t VALUES (?, 'x')", [n]))
+    _put_back(tmp_path, copy)  # recovery has rows 1 to 3 to apply
+    conn = apsw.Connection(path)
+    root = conn.execute(
+        "SELECT rootpage FROM sqlite_schema WHERE name = '_shardlite_alarms'"
+    ).fetchall()[0][0]
+    page_size = conn.execute("PRAGMA page_size").fetchall()[0][0]
+    conn.close()
+    with open(path, "r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xff" * 64)
+
+    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
+        assert await _rows(pool, "k") == [(1,), (2,), (3,)]
+    assert not os.path.exists(path + DAMAGED_SUFFIX)

@@ -295,8 +295,9 @@ def test_a_segment_missing_between_two_stops_the_log_from_opening(tmp_path: Path
         shutil.move(path, aside)
     log, payloads, torn = _reopen(tmp_path / "log")
     assert payloads == {"k": [bytes([i]) * 200 for i in range(3)]} and torn == 0
+    assert log.trim(log.segments[1][0]) == 1  # the oldest gone by trimming: no hole
+    assert not os.path.exists(segments[0])
     log.close()
-    os.unlink(segments[0])  # the oldest gone, as trimming deletes it: no hole
     log, payloads, torn = _reopen(tmp_path / "log")
     assert payloads == {} and torn == 0
     log.close()
@@ -355,11 +356,52 @@ def test_a_trim_cut_short_after_its_mark_leaves_older_segments_that_are_not_dama
     monkeypatch.undo()
     log.close()
     assert all(os.path.exists(path) for _, path in segments)
+    assert shardlog_module._read_trimmed(str(tmp_path / "log")) == segments[2][0]
     log, payloads, torn = _reopen(tmp_path / "log")
     assert payloads == {"k": [bytes([i]) * 200 for i in range(9)]} and torn == 0
     assert log.trim(segments[2][0]) == 2  # the next trim finishes the job
     log.close()
     assert verify_log(str(tmp_path)) == {}
+
+
+def test_a_trimmed_mark_left_by_a_run_of_an_older_build_is_not_trusted(tmp_path: Path) -> None:
+    """A build from before the mark trims without writing it; it bumps the epoch when it
+    opens the log, so the mark's epoch no longer matches and it is ignored, not taken for
+    lost segments. The next open writes it afresh."""
+    log = ShardLog(str(tmp_path), 512)
+    log.open()
+    for i in range(9):
+        _write(log, "k", bytes([i]) * 200)
+    segments = list(log.segments)
+    log.trim(segments[1][0])
+    log.close()
+    epoch = shardlog_module._read_number(str(tmp_path / shardlog_module.EPOCH_FILE))
+    shardlog_module._write_numbers(str(tmp_path / shardlog_module.EPOCH_FILE), epoch + 1)
+    os.unlink(segments[1][1])  # the older build's open, then its trim
+    log, payloads, _ = _reopen(tmp_path)
+    assert payloads == {"k": [bytes([i]) * 200 for i in range(6, 9)]}
+    assert shardlog_module._read_trimmed(str(tmp_path)) == segments[2][0]
+    log.close()
+    os.unlink(segments[2][1])  # lost now, with a mark this build wrote: found
+    with pytest.raises(LogDamaged, match="was trimmed up to the segment"):
+        ShardLog(str(tmp_path), 512).open()
+
+
+def test_the_trimmed_mark_stays_trusted_when_the_epoch_advances_mid_run(tmp_path: Path) -> None:
+    """advance_epoch (the log found behind an actor file) rewrites the mark with the new
+    epoch, so a segment trimming kept that goes missing later is still found."""
+    log = ShardLog(str(tmp_path), 512)
+    log.open()
+    for i in range(9):
+        _write(log, "k", bytes([i]) * 200)
+    segments = list(log.segments)
+    log.trim(segments[1][0])
+    log.advance_epoch((log.epoch + 5) << shardlog_module.SEQ_BITS)
+    assert shardlog_module._read_trimmed(str(tmp_path)) == segments[1][0]
+    log.close()
+    os.unlink(segments[1][1])
+    with pytest.raises(LogDamaged, match="was trimmed up to the segment"):
+        ShardLog(str(tmp_path), 512).open()
 
 
 def _v1_segment(directory: Path, first: int, records: list[tuple[int, str, bytes]]) -> None:
