@@ -538,6 +538,43 @@ async def test_many_files_are_made_durable_with_one_syncfs_and_the_log_trimmed(
         assert stats["trimmed_segments"] > 0 and len(shard.log.segments) == 1
 
 
+async def test_a_syncfs_pass_runs_in_slices_and_leaves_writes_made_during_it_unsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bookkeeping after a syncfs (10,000 files: 10s of ms) runs in slices with the
+    loop free between them. A write that lands while the syncfs runs is not covered by
+    it: its actor stays unsynced from that write's LSN, and the log keeps the record."""
+    import shardlite.actor._logdurability as logdurability_module
+
+    monkeypatch.setattr(logdurability_module, "DURABLE_SLICE", 7)
+    config = ActorConfig(log_checkpoint_interval_s=3600)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        durability = pool.durability
+        assert isinstance(durability, LogDurability)
+        keys = [f"slice-{i}" for i in range(40)]
+        for key in keys:  # a table (synced in its file), then a logged row
+            await pool.call(key, Sql("CREATE TABLE t(v)"))
+            await pool.call(key, Sql("INSERT INTO t VALUES ('early')"))
+        late = keys[len(keys) // 2]
+
+        def syncfs_then_write(directory: str) -> None:
+            syncfs(directory)
+            trio.from_thread.run(pool.call, late, Sql("INSERT INTO t VALUES ('late')"))
+
+        monkeypatch.setattr(logdurability_module, "syncfs", syncfs_then_write)
+        shard = durability.shards[str(tmp_path)]
+        actor = pool._actors[late]
+        covered = actor.last_lsn
+        await durability.checkpoint_shard(shard)
+        assert actor.last_lsn > covered  # the late write
+        assert list(shard.unsynced.items()) == [(actor, covered + 1)]
+        assert actor.file_lsn == covered
+        others = [pool._actors[k] for k in keys if k != late]
+        assert all(a.file_lsn == a.last_lsn for a in others)
+        assert durability.statistics()["syncfs_calls"] == 1
+        assert shard.log.segments[0][0] <= actor.last_lsn  # its record is kept
+
+
 def test_records_reserved_before_a_segment_switch_are_read_back_from_the_next_segment(
     tmp_path: Path,
 ) -> None:
