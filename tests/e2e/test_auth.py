@@ -267,7 +267,9 @@ def test_forwarded_requests_keep_the_callers_rights(start_server: Any, tmp_path:
 
 
 def test_rate_limit_per_key(start_server: Any) -> None:
-    server = start_server("--procs", "1", "--rate-limit", "5")
+    # 1 a second (bursts of 2): the bucket refills so slowly that 30 requests see 429s
+    # however slow the machine is (at 5 a second, a slow CI box refilled it as it went)
+    server = start_server("--procs", "1", "--rate-limit", "1")
     statuses = []
     for _ in range(30):
         r = httpx.post(f"{server.http_url}/v1/actors/busy/sql", json={"sql": "SELECT 1"})
@@ -276,7 +278,7 @@ def test_rate_limit_per_key(start_server: Any) -> None:
             assert (
                 r.json()["error"]["code"] == "rate_limited" and int(r.headers["Retry-After"]) >= 1
             )
-    assert statuses.count(200) >= 10 and statuses.count(429) >= 10  # a burst of 10, then 5/s
+    assert statuses[:2] == [200, 200] and statuses.count(429) >= 10  # a burst of 2, then 1/s
     r = httpx.post(f"{server.http_url}/v1/actors/calm/sql", json={"sql": "SELECT 1"})
     assert r.status_code == 200  # other keys are not affected
     with shardlite.connect(server.rpc_url) as client, pytest.raises(shardlite.RateLimited):

@@ -148,7 +148,12 @@ async def test_noisy_neighbour_does_not_stop_a_victim(start_server: Any) -> None
 def test_a_huge_sort_is_stopped_at_the_temp_bound_and_nothing_else_changes(
     start_server: Any,
 ) -> None:
-    server = start_server("--procs", "1", "--max-temp-bytes", "8MiB", "--inline-slice", "5ms")
+    # a statement budget far past the long read's ~0.3 s, which a slow box can take 2 s for
+    server = start_server(
+        "--procs",
+        "1",
+        *("--max-temp-bytes", "8MiB", "--inline-slice", "5ms", "--statement-timeout", "30s"),
+    )
     sort = (
         "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r LIMIT 50000) "
         "SELECT count(*) FROM (SELECT randomblob(1000) AS b FROM r ORDER BY b)"
