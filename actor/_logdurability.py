@@ -365,15 +365,11 @@ class LogDurability:
         shard = actor.log_shard
         if shard is None or self.shards.get(shard.directory) is not shard:
             shard = self.shards.get(os.path.dirname(os.path.dirname(actor.path)))
-        if shard is None:
-            actor.file_lsn = max(actor.file_lsn, lsn)
-            if lsn >= actor.last_lsn:
-                actor.needs_file_sync = False
-            return
         self._file_durable(shard, actor, lsn)
-        self._release(actor, shard.flushed_lsn)
+        if shard is not None:
+            self._release(actor, shard.flushed_lsn)
 
-    def _file_durable(self, shard: _Shard, actor: Actor, lsn: int) -> None:
+    def _file_durable(self, shard: _Shard | None, actor: Actor, lsn: int) -> None:
         actor.file_lsn = max(actor.file_lsn, lsn)
         if lsn >= actor.last_lsn:
             # not for a sync that started before the actor's unlogged batch committed (a
@@ -381,7 +377,7 @@ class LogDurability:
             # runs again, or its next record would name a write neither the file (after
             # a crash) nor the log holds
             actor.needs_file_sync = False
-        if shard.unsynced.get(actor, lsn + 1) <= lsn:
+        if shard is not None and shard.unsynced.get(actor, lsn + 1) <= lsn:
             if actor.last_lsn <= lsn:
                 del shard.unsynced[actor]
             else:

@@ -557,19 +557,35 @@ async def test_a_syncfs_pass_runs_in_slices_and_leaves_writes_made_during_it_uns
             await pool.call(key, Sql("INSERT INTO t VALUES ('early')"))
         late = keys[len(keys) // 2]
 
+        others = [pool._actors[k] for k in keys if k != late]
+        synced_seen: list[int] = []  # files done, as other tasks see it during the pass
+        synced_done = False
+
         def syncfs_then_write(directory: str) -> None:
+            nonlocal synced_done
             syncfs(directory)
             trio.from_thread.run(pool.call, late, Sql("INSERT INTO t VALUES ('late')"))
+            synced_done = True
+
+        async def watch() -> None:
+            while True:
+                await trio.lowlevel.checkpoint()
+                if synced_done:
+                    synced_seen.append(sum(a.file_lsn == a.last_lsn for a in others))
 
         monkeypatch.setattr(logdurability_module, "syncfs", syncfs_then_write)
         shard = durability.shards[str(tmp_path)]
         actor = pool._actors[late]
         covered = actor.last_lsn
-        await durability.checkpoint_shard(shard)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            await durability.checkpoint_shard(shard)
+            nursery.cancel_scope.cancel()
+        # the loop ran between slices: other tasks saw some files done and some not yet
+        assert any(0 < n < len(others) for n in synced_seen), synced_seen
         assert actor.last_lsn > covered  # the late write
         assert list(shard.unsynced.items()) == [(actor, covered + 1)]
         assert actor.file_lsn == covered
-        others = [pool._actors[k] for k in keys if k != late]
         assert all(a.file_lsn == a.last_lsn for a in others)
         assert durability.statistics()["syncfs_calls"] == 1
         assert shard.log.segments[0][0] <= actor.last_lsn  # its record is kept

@@ -148,7 +148,7 @@ async def test_noisy_neighbour_does_not_stop_a_victim(start_server: Any) -> None
 def test_a_huge_sort_is_stopped_at_the_temp_bound_and_nothing_else_changes(
     start_server: Any,
 ) -> None:
-    # a statement budget far past the long read's ~0.3 s, which a slow box can take 2 s for
+    # a statement budget far past the long read's ~0.3 s (a slow box took over the 0.5 s default)
     server = start_server(
         "--procs",
         "1",
