@@ -179,6 +179,11 @@ class Actor(StatementRunner):
             auth.trusted = False
 
     @property
+    def file_lsn_held(self) -> int:
+        """The LSN the file holds once synced: its last commit's (see _filetxn.py)."""
+        return self.committed_lsn if self.txn_open else self.last_lsn
+
+    @property
     def busy(self) -> bool:
         return self.state is State.BUSY
 
@@ -190,6 +195,10 @@ class Actor(StatementRunner):
         then waits up to a GIL switch interval (5 ms) after each SQLite call that
         released it. After a checkpoint the close itself is quick: run it inline.
         """
+        if self.txn_open and conn_has_unapplied(self):
+            self.durability.unapplied(self)  # the log keeps them; not reopened before a restart
+        self.txn_open, self._batch_open, self.txn_batches = False, False, 0
+        self.txn_records = []
         conn, self.conn, self._cursor = self.conn, None, None
         self.capture = None  # its preupdate hook belongs to this connection: a reopen makes anew
         self.instance = None
@@ -228,6 +237,7 @@ class Actor(StatementRunner):
         """
         conn = self.conn
         if conn is not None:
+            self.commit_file()
             now = time.monotonic()
             reuse = now - self.wal_since < WAL_REUSE_WITHIN_S
             conn.wal_checkpoint(
@@ -249,6 +259,7 @@ class Actor(StatementRunner):
         conn = self.conn
         if conn is None:
             return
+        self.commit_file()
         conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
         self.wal_pages = 0
         if keep_wal and self._start_wal(conn):
@@ -282,6 +293,7 @@ class Actor(StatementRunner):
     def export_blocking(self, dest: str) -> None:
         """Write a consistent copy of the file to ``dest`` (backup API). Worker thread."""
         assert self.conn is not None
+        self.commit_file()
         out = apsw.Connection(dest)
         try:
             with out.backup("main", self.conn, "main") as backup:
@@ -309,6 +321,11 @@ class Actor(StatementRunner):
             "calls": self.calls,
             "wal_pages": self.wal_pages,
         }
+
+
+def conn_has_unapplied(actor: Actor) -> bool:
+    """Whether the actor's open transaction holds batches its file has not committed."""
+    return actor.last_lsn > actor.committed_lsn
 
 
 def sync_directory(path: str) -> None:

@@ -30,6 +30,7 @@ from ._errors import (
     TooLarge,
     no_class_error,
 )
+from ._filetxn import FileTxn
 from ._kvstore import apply_kv
 from ._ops import (
     Batch,
@@ -61,10 +62,8 @@ _SCHEMA_SQL_MAX = 1024
 _clock = time.monotonic
 _NO_DEADLINE = float("inf")
 # Transaction control is internal SQL too: a tenant's "COMMIT" must never hit our cached
-# statement, which SQLite would run without asking the authorizer again.
-_BEGIN = internal_sql("BEGIN")
-_COMMIT = internal_sql("COMMIT")
-_ROLLBACK = internal_sql("ROLLBACK")
+# statement, which SQLite would run without asking the authorizer again (BEGIN, COMMIT
+# and ROLLBACK of the batch: _filetxn.py).
 _SAVEPOINT = internal_sql("SAVEPOINT call")
 _RELEASE = internal_sql("RELEASE call")
 _ROLLBACK_TO = internal_sql("ROLLBACK TO call")
@@ -85,7 +84,7 @@ class _TxnLost(Exception):
         self.error = error
 
 
-class StatementRunner:
+class StatementRunner(FileTxn):
     """The part of :class:`Actor` that runs tenant SQL: hooks, batches, calls, statements.
 
     A mixin: :class:`~shardlite.actor._actor.Actor` owns the connection and the state
@@ -116,6 +115,7 @@ class StatementRunner:
     reload_tables: Callable[[], None]
 
     def init_runner(self) -> None:
+        self.init_file_txn()
         self._me = cast("Actor", self)  # what the durability policy is handed
         self._deadline = _NO_DEADLINE
         self._stmt_count = 0
@@ -285,9 +285,13 @@ class StatementRunner:
         self._report_commit([call], [result])
 
     def _commit(self) -> None:
+        last = self.last_lsn
         self.durability.before_commit(self._me)  # durability=log: the batch's LSN and record
+        wrote = self.last_lsn != last
+        if wrote and self.defer_commits:
+            self._wrote = True  # no WAL hook until the file commits
         try:
-            self._internal(_COMMIT)
+            self.txn_end(wrote)
         except apsw.Error:
             self.durability.commit_failed(self._me)
             raise
@@ -298,7 +302,7 @@ class StatementRunner:
         conn = self.conn
         assert conn is not None
         self._readonly = self._preemptible = False
-        self._internal(_BEGIN)
+        self.txn_begin()
         try:
             fn()
             self._commit()
@@ -318,7 +322,7 @@ class StatementRunner:
         """Open the transaction of an exclusive call (an async method)."""
         self.batches += 1
         self._readonly = self._preemptible = False
-        self._internal(_BEGIN)
+        self.txn_begin()
 
     def finish_exclusive(
         self, calls: list[Call], results: list[Result | Error], *, commit: bool
@@ -356,7 +360,7 @@ class StatementRunner:
                 self.reload_tables()  # the batch may have made or dropped tables
 
     def _rollback(self) -> None:
-        self._internal(_ROLLBACK)
+        self.txn_abort()
         self.durability.rolled_back(self._me)
 
     def _run_transaction(self, calls: list[Call]) -> list[Result | Error]:
@@ -374,7 +378,7 @@ class StatementRunner:
         redo = 0  # calls to run again before anything new
         stop_at = _clock() + self.config.statement_timeout_s
         preempt = self.config.inline_slice_s > 0
-        self._internal(_BEGIN)
+        self.txn_begin()
         try:
             while todo:
                 i = todo.popleft()
@@ -390,14 +394,14 @@ class StatementRunner:
                     todo.appendleft(i)
                     todo.extendleft(reversed(in_txn))
                     redo, in_txn, preempt = len(in_txn), [], False
-                    self._internal(_BEGIN)
+                    self.txn_begin()
                     continue
                 except _TxnLost as lost:
                     result = lost.error
                     self.durability.rolled_back(self._me)
                     todo.extendleft(reversed(in_txn))
                     redo, in_txn = len(in_txn), []
-                    self._internal(_BEGIN)
+                    self.txn_begin()
                 else:
                     in_txn.append(i)
                     if redo:
@@ -405,7 +409,7 @@ class StatementRunner:
                         if redo == 0:  # the redone calls commit alone: never redone twice
                             self._commit()
                             in_txn = []
-                            self._internal(_BEGIN)
+                            self.txn_begin()
                 if i < len(results):
                     results[i] = result
                 else:
@@ -468,7 +472,7 @@ class StatementRunner:
             self._internal(_ROLLBACK_TO)
             self._internal(_RELEASE)
         elif self._call_wrote:
-            self._internal(_ROLLBACK)  # _run_transaction tells the durability policy
+            self.txn_abort()  # _run_transaction tells the durability policy
             raise _TxnLost(err)
         return err
 

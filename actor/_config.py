@@ -34,6 +34,7 @@ DEFAULT_FSYNC_THREADS = 4
 DEFAULT_LOG_SEGMENT_BYTES = 16 << 20
 DEFAULT_LOG_TRIM_BYTES = 64 << 20
 DEFAULT_LOG_CHECKPOINT_INTERVAL_S = 30.0
+DEFAULT_LOG_BATCHES_PER_COMMIT = 1
 DEFAULT_IDEMPOTENCY_TTL_S = 24 * 3600.0
 DEFAULT_CALL_TIMEOUT_S = 30.0
 
@@ -79,6 +80,9 @@ class ActorConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Past this many bytes of log the shard's actor files are synced and the log trimmed."""
     log_checkpoint_interval_s: float = DEFAULT_LOG_CHECKPOINT_INTERVAL_S
     """The log is trimmed at least this often, however small it is."""
+    log_batches_per_commit: int = DEFAULT_LOG_BATCHES_PER_COMMIT
+    """durability=log: batches an actor file's transaction holds before it commits (1:
+    each batch commits; more: see _filetxn.py). The log's checkpoints commit it too."""
     idempotency_ttl_s: float = DEFAULT_IDEMPOTENCY_TTL_S
     """How long an idempotency key's result is kept for retries."""
     call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S

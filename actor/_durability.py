@@ -89,6 +89,9 @@ class DurabilityPolicy(Protocol):
     def forget(self, actor: Actor) -> None:
         """The actor left memory."""
 
+    def unapplied(self, actor: Actor) -> None:
+        """The actor closes with batches its file lacks (durability=log only)."""
+
     def sync_file(self, actor: Actor) -> None:
         """Make the actor's own file durable (blocking: a worker thread)."""
 
@@ -149,6 +152,9 @@ class _PerFileDurability:
 
     def forget(self, actor: Actor) -> None:
         pass
+
+    def unapplied(self, actor: Actor) -> None:
+        pass  # only durability=log holds a file's transaction open
 
     def sync_file(self, actor: Actor) -> None:
         pass  # only durability=log asks for it

@@ -133,6 +133,7 @@ class ExclusiveMixin:
                 await self._reset(actor)
                 was_open = False
             try:
+                actor.commit_file()  # what it reads or copies holds every batch before it
                 result: Any = await call.op.fn(actor)
             except Error as exc:
                 result = exc

@@ -30,7 +30,7 @@ import trio.lowlevel
 
 from ._actor import Actor, Call, deliver, sync_directory
 from ._config import ActorConfig
-from ._errors import Error, Internal
+from ._errors import ActorDamaged, Error, Internal
 from ._ops import Result
 from ._recovery import HAVE_SYNCFS, replay_shard, syncfs
 from ._shardlog import LOG_DIR, LogCorrupt, ShardLog, encode_record, read_log_epoch
@@ -40,6 +40,8 @@ log = logging.getLogger("shardlite.actor")
 CHECKPOINT_POLL_S = 0.25
 SHIP_MAX_BYTES = 64 << 20
 """Records kept for a shard being moved before its written keys are copied whole instead."""
+COMMIT_SLICE = 100
+"""Actor files the checkpointer commits (log_batches_per_commit) between two yields."""
 DURABLE_SLICE = 1000
 """Files whose syncfs bookkeeping runs between two yields to the loop."""
 SYNCFS_MIN = 16
@@ -96,6 +98,10 @@ class _Shard:
         """While the shard is being moved: each key's records since tracking began (None:
         a change no record describes; the key must be copied whole)."""
         self.shipping_bytes = 0
+        self.unapplied: dict[str, int] = {}
+        """Keys closed with batches their files lack (their transaction could not be put
+        back, _filetxn.py): the oldest such LSN. The log is kept from there, and the key
+        is not opened again until a restart's recovery applies them."""
 
 
 class LogDurability:
@@ -210,7 +216,29 @@ class LogDurability:
         return self.shard_of(actor).log.reserve()
 
     def opened(self, actor: Actor) -> None:
+        shard = self.shard_of(actor)
+        if actor.key in shard.unapplied:
+            actor.close()
+            raise ActorDamaged(
+                f"actor {actor.key!r} is not served: writes the shard log holds could not be "
+                "put in its file; restart the server (its recovery applies them)"
+            )
         actor.start_capture()
+        actor.committed_lsn = actor.last_lsn
+        actor.defer_commits = self.config.log_batches_per_commit > 1
+
+    def unapplied(self, actor: Actor) -> None:
+        """The actor closes with batches its file lacks (:mod:`._filetxn`)."""
+        shard = self.shard_of(actor)
+        first = actor.txn_records[0][0] if actor.txn_records else actor.committed_lsn + 1
+        shard.unapplied.setdefault(actor.key, first)
+        log.error(
+            "actor %r closed with %d batches its file lacks (from LSN %#x); the shard log "
+            "keeps them, and the key is served again after a restart",
+            actor.key,
+            len(actor.txn_records),
+            first,
+        )
 
     def before_commit(self, actor: Actor) -> None:
         """Inside the transaction: give the batch an LSN and its record."""
@@ -223,7 +251,10 @@ class LogDurability:
         if lsn <= actor.last_lsn:  # the file is ahead of this log: see _behind_the_file
             lsn = self._behind_the_file(shard, actor)
         record = None if actor.schema_changed else actor.take_record()
-        actor.write_lsn(lsn)  # not captured: replay writes the LSN of the last record
+        if record is None or not actor.defer_commits:
+            actor.write_lsn(lsn)  # not captured: replay writes the LSN of the last record
+        else:
+            actor.txn_records.append((lsn, record))  # the file's commit writes the LSN
         prev = actor.last_lsn  # what the file holds before this batch: the record names it
         self._appended = (
             actor,
@@ -278,6 +309,7 @@ class LogDurability:
             return
         _, lsn, last_lsn, buffered_lsn, new_unsynced = appended
         actor.last_lsn = last_lsn  # its replies (errors) wait for nothing of it
+        actor.take_back_record(lsn)
         if shard.shipping is not None:
             shard.shipping[actor.key] = None  # copied whole instead
         if shard.buffer and shard.buffered_lsn == lsn:
@@ -514,13 +546,15 @@ class LogDurability:
     async def checkpoint_shard(self, shard: _Shard) -> None:
         """fsync every actor file with logged writes, then trim the log below them."""
         targets = [a for a in shard.unsynced if a.conn is not None and not a.busy]
+        if self.config.log_batches_per_commit > 1:
+            await self._commit_files(targets)
         if len(targets) >= SYNCFS_MIN and self._syncfs_mode:
             # one syncfs instead of thousands of fdatasyncs: the disk does 1.5-3k flushes
             # a second, and the log's own flush must get most of them
             # LSNs in a list of their own: a tuple per file would be thousands of objects
             # that outlive the syncfs into the collector's oldest generation, and bring
             # its full passes (100s of ms with 10,000 actors open) on every few seconds
-            lsns = [a.last_lsn for a in targets]
+            lsns = [a.file_lsn_held for a in targets]
             shard.records_since_syncfs = 0
             started = trio.current_time()
             try:
@@ -533,7 +567,7 @@ class LogDurability:
             await trio.sleep(trio.current_time() - started)
             targets = []
         for i in range(0, len(targets), SYNC_CHUNK):
-            chunk = [(a, a.last_lsn) for a in targets[i : i + SYNC_CHUNK]]
+            chunk = [(a, a.file_lsn_held) for a in targets[i : i + SYNC_CHUNK]]
             started = trio.current_time()
             done = await trio.to_thread.run_sync(self._sync_many, chunk)
             for actor, lsn in done:
@@ -542,12 +576,26 @@ class LogDurability:
             # most half of the disk's flushes and the log's own flush is never starved
             await trio.sleep(trio.current_time() - started)
         below = min(shard.unsynced.values(), default=shard.log.next_lsn())
+        below = min(below, *shard.unapplied.values()) if shard.unapplied else below
         below = min(below, shard.flushed_lsn + 1)
         if self.before_trim is not None:
             # every record below `below` was committed before now, and its alarm change
             # noted in the index inline: sync the index, then drop those records
             await trio.to_thread.run_sync(self.before_trim, shard.directory)
         shard.trimmed_segments += await trio.to_thread.run_sync(shard.log.trim, below)
+
+    @staticmethod
+    async def _commit_files(targets: list[Actor]) -> None:
+        """Commit the open transactions of ``targets`` (:mod:`._filetxn`), inline, in
+        slices: the syncfs that follows then covers their batches."""
+        for n, actor in enumerate(targets):
+            if n % COMMIT_SLICE == COMMIT_SLICE - 1:
+                await trio.lowlevel.checkpoint()
+            if actor.txn_open and actor.conn is not None and not actor.busy:
+                try:
+                    actor.commit_file()
+                except apsw.Error as exc:  # kept: the next pass, or the close, tries again
+                    log.warning("actor %r: file commit failed: %s", actor.key, exc)
 
     async def _files_durable(self, shard: _Shard, targets: list[Actor], lsns: list[int]) -> None:
         """:meth:`file_durable` for every file a syncfs covered, in slices between which

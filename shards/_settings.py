@@ -34,6 +34,8 @@ class Setting(msgspec.Struct, frozen=True):
     kind: str  # "str" | "int" | "float" | "size" | "duration" | "choice" | "addr"
     help: str
     choices: tuple[str, ...] = ()
+    minimum: int = 0
+    """int settings: the least value accepted."""
 
     @property
     def flag(self) -> str:
@@ -193,6 +195,7 @@ SETTINGS: tuple[Setting, ...] = (
         defaults.DEFAULT_MAX_BATCH,
         "int",
         "Most calls one actor runs in one transaction (group commit).",
+        minimum=1,
     ),
     Setting(
         "max_open_actors",
@@ -281,6 +284,15 @@ SETTINGS: tuple[Setting, ...] = (
         "size",
         "durability=log: past this much log, the shard's actor files are synced and the log "
         "trimmed, so the log stays about this size.",
+    ),
+    Setting(
+        "log_batches_per_commit",
+        defaults.DEFAULT_LOG_BATCHES_PER_COMMIT,
+        "int",
+        "durability=log: batches an actor's file transaction holds before it commits (the "
+        "log makes each batch durable; the file commits at the latest at the log's next "
+        "checkpoint). 1: every batch commits its file.",
+        minimum=1,
     ),
     Setting(
         "log_checkpoint_interval",
@@ -401,6 +413,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_init_zero: str = "on"
     log_trim_bytes: int = defaults.DEFAULT_LOG_TRIM_BYTES
     log_checkpoint_interval: float = defaults.DEFAULT_LOG_CHECKPOINT_INTERVAL_S
+    log_batches_per_commit: int = defaults.DEFAULT_LOG_BATCHES_PER_COMMIT
     body_timeout: float = DEFAULT_BODY_TIMEOUT_S
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     log_level: str = "info"
@@ -436,6 +449,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             log_init_zero=self.log_init_zero == "on",
             log_trim_bytes=self.log_trim_bytes,
             log_checkpoint_interval_s=self.log_checkpoint_interval,
+            log_batches_per_commit=self.log_batches_per_commit,
             call_timeout_s=self.call_timeout,
         )
 
@@ -457,8 +471,10 @@ def parse_setting(setting: Setting, value: Any) -> Any:
         raise ValueError(f"{setting.flag}: {exc}") from None
     if setting.choices and parsed not in setting.choices:
         raise ValueError(f"{setting.flag}: {value!r} is not one of {', '.join(setting.choices)}")
-    if setting.kind in ("int", "size") and parsed < 0:
-        raise ValueError(f"{setting.flag}: must not be negative")
+    if setting.kind in ("int", "size") and parsed < setting.minimum:
+        if setting.minimum == 0:
+            raise ValueError(f"{setting.flag}: must not be negative")
+        raise ValueError(f"{setting.flag}: must be at least {setting.minimum}")
     return parsed
 
 

@@ -69,6 +69,15 @@ def test_settings_parse_units_and_name_the_flag_on_error() -> None:
     assert (settings.max_db_bytes, settings.idle_timeout) == (64 << 20, 0.5)
     with pytest.raises(ValueError, match="--max-db-bytes"):
         settings_from({"max_db_bytes": "lots"})
+    with pytest.raises(ValueError, match="--max-batch: must be at least 1"):
+        settings_from({"max_batch": "0"})  # (no call would ever run)
+    with pytest.raises(ValueError, match="--log-batches-per-commit: must be at least 1"):
+        settings_from({"log_batches_per_commit": "0"})
+    with pytest.raises(ValueError, match="--mailbox-size: must not be negative"):
+        settings_from({"mailbox_size": "-1"})
+    assert (
+        settings_from({"log_batches_per_commit": "64"}).actor_config().log_batches_per_commit == 64
+    )
 
 
 def test_environment_variables_reach_serve() -> None:

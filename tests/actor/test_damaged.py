@@ -15,7 +15,10 @@ from shardlite.actor import ActorConfig, ActorDamaged, LogDurability, Sql, open_
 from shardlite.actor._connection import DAMAGED_SUFFIX
 from shardlite.actor._keys import resolve_actor_path
 
-CONFIG = ActorConfig(log_segment_bytes=4 * 1024, log_checkpoint_interval_s=3600)
+# every batch commits its file: the copies taken below hold the rows written before them
+CONFIG = ActorConfig(
+    log_segment_bytes=4 * 1024, log_checkpoint_interval_s=3600, log_batches_per_commit=1
+)
 
 
 async def _rows(pool: object, key: str) -> list[tuple[object, ...]]:

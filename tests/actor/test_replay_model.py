@@ -14,14 +14,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import shardlite.actor._shardlog as shardlog_module
-from shardlite.actor import KvDelete, KvList, KvPut, Sql, open_actor_pool
+from shardlite.actor import Error, KvDelete, KvList, KvPut, Sql, open_actor_pool
 
 from .conftest import PowerCutVFS
 from .test_shardlog import Harness, LogCut
@@ -94,6 +95,9 @@ values = st.one_of(
 
 
 class ReplayMachine(RuleBasedStateMachine):
+    PER_COMMIT = 1
+    """log_batches_per_commit: batches an actor file's transaction holds."""
+
     def __init__(self) -> None:
         super().__init__()
         self.patch = pytest.MonkeyPatch()
@@ -101,6 +105,12 @@ class ReplayMachine(RuleBasedStateMachine):
         cut = LogCut()
         self.patch.setattr(shardlog_module, "os", cut)
         self.harness = Harness(Path(tempfile.mkdtemp()), self.vfs, cut)
+        if self.PER_COMMIT > 1:  # (the harness's frequent log checkpoints commit them too)
+            self.harness.config = msgspec.structs.replace(
+                self.harness.config,
+                log_batches_per_commit=self.PER_COMMIT,
+                log_checkpoint_interval_s=3600,
+            )
         self.runner = PoolThread(self.harness)
         self.rows: dict[str, dict[int, Any]] = {k: {} for k in KEYS}
         self.named: dict[str, dict[str, Any]] = {k: {} for k in KEYS}
@@ -149,16 +159,39 @@ class ReplayMachine(RuleBasedStateMachine):
         self.runner.call(key, KvDelete(name))
         self.kv[key].pop(name, None)
 
+    @rule(key=st.sampled_from(KEYS), row=st.integers(0, 30))
+    def failing_write(self, key: str, row: int) -> None:
+        """Fails when the row exists, and SQLite rolls back the whole transaction then:
+        the file's open transaction with it, whose batches must be put back."""
+        try:
+            self.runner.call(key, Sql("INSERT OR ROLLBACK INTO t(id, v) VALUES (?, 'x')", [row]))
+        except Error:
+            assert row in self.rows[key]
+        else:
+            assert row not in self.rows[key]
+            self.rows[key][row] = "x"
+
+    @invariant()
+    def read_back(self) -> None:
+        """After every step, without a cut too: what the actors serve is the model
+        (nothing of an earlier batch went with a rolled-back transaction)."""
+        if self.runner.pool is not None:
+            for key in KEYS:
+                self._check(key)
+
+    def _check(self, key: str) -> None:
+        rows = self.runner.call(key, Sql("SELECT id, v FROM t ORDER BY id")).rows
+        assert dict(rows) == self.rows[key], key
+        named = self.runner.call(key, Sql("SELECT name, v FROM w")).rows
+        assert dict(named) == self.named[key], key
+        items = self.runner.call(key, KvList("", 1000)).items
+        assert dict(items) == self.kv[key], key
+
     @rule()
     def power_cut(self) -> None:
         self.runner.power_cut_and_recover()
         for key in KEYS:
-            rows = self.runner.call(key, Sql("SELECT id, v FROM t ORDER BY id")).rows
-            assert dict(rows) == self.rows[key], key
-            named = self.runner.call(key, Sql("SELECT name, v FROM w")).rows
-            assert dict(named) == self.named[key], key
-            items = self.runner.call(key, KvList("", 1000)).items
-            assert dict(items) == self.kv[key], key
+            self._check(key)
             check = self.runner.call(key, Sql("PRAGMA integrity_check")).rows
             assert check == [("ok",)]
 
@@ -175,3 +208,13 @@ ReplayMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_recovery_replays_exactly = ReplayMachine.TestCase
+
+
+class FileTxnReplayMachine(ReplayMachine):
+    """The same with actor files committing every 4 batches (actor/_filetxn.py)."""
+
+    PER_COMMIT = 4
+
+
+FileTxnReplayMachine.TestCase.settings = settings(ReplayMachine.TestCase.settings, max_examples=40)
+test_recovery_replays_exactly_with_file_transactions = FileTxnReplayMachine.TestCase
