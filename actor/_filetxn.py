@@ -51,8 +51,10 @@ _DEFER_FK = internal_sql("PRAGMA defer_foreign_keys = ON")
 class FileTxn:
     """A mixin of the actor (StatementRunner): how a batch's transaction begins and ends."""
 
+    key: str
     config: ActorConfig
     conn: apsw.Connection | None
+    _auth: Any
     capture: Any
     last_lsn: int
     needs_file_sync: bool
@@ -167,10 +169,11 @@ class FileTxn:
         """Inside a new transaction: apply the kept records again (as recovery does)."""
         conn, capture = self.conn, self.capture
         assert conn is not None and capture is not None
-        auth: Any = getattr(self, "_auth", None)
+        auth = self._auth
         assert auth is not None
         log.warning(
-            "actor file transaction rolled back: applying %d kept batches again",
+            "actor %r: its file's transaction was rolled back; applying its %d kept batches again",
+            self.key,
             len(self.txn_records),
         )
         auth.trusted = True

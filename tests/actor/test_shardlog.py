@@ -9,6 +9,7 @@ default suite runs a few dozen, ``pytest -m slow`` runs thousands).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import threading
@@ -212,12 +213,10 @@ async def run_until_cut(h: Harness, seed: int) -> Acked:
                     # fails, and SQLite rolls back the whole transaction (OR ROLLBACK):
                     # with files committing every few batches, the earlier ones go too
                     # and must be put back (_filetxn.py); nothing of it is acknowledged
-                    try:
+                    with contextlib.suppress(Error):
                         await pool.call(
                             key, Sql("INSERT OR ROLLBACK INTO t SELECT id, part FROM t LIMIT 1")
                         )
-                    except Error:
-                        pass
                     continue
                 elif roll < 0.95 or not h.schema_changes:
                     name = f"w{w}"
