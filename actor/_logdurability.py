@@ -14,7 +14,7 @@ WAL) before its replies leave and before the actor runs anything else.
 The log is trimmed once the actor files it covers are durable themselves: a
 checkpointer per shard fsyncs the WALs of actors with logged writes (spread over time),
 closes and checkpoints do it anyway, and then whole segments below the oldest LSN not
-yet durable in its file are deleted.
+yet durable in its file are deleted (the checkpointer: _logcheckpoint.py).
 """
 
 from __future__ import annotations
@@ -31,30 +31,15 @@ import trio.lowlevel
 from ._actor import Actor, Call, deliver, sync_directory
 from ._config import ActorConfig
 from ._errors import ActorDamaged, Error, Internal
+from ._logcheckpoint import LogCheckpointMixin
 from ._ops import Result
-from ._recovery import HAVE_SYNCFS, replay_shard, syncfs
+from ._recovery import HAVE_SYNCFS, replay_shard
 from ._shardlog import LOG_DIR, LogCorrupt, ShardLog, encode_record, read_log_epoch
 
 log = logging.getLogger("shardlite.actor")
 
-CHECKPOINT_POLL_S = 0.25
 SHIP_MAX_BYTES = 64 << 20
 """Records kept for a shard being moved before its written keys are copied whole instead."""
-COMMIT_SLICE = 100
-"""Actor files the checkpointer commits (log_batches_per_commit) between two yields."""
-DURABLE_SLICE = 1000
-"""Files whose syncfs bookkeeping runs between two yields to the loop."""
-SYNCFS_MIN = 16
-"""From this many actor files to sync, the checkpointer calls syncfs(2) once instead."""
-SYNCFS_EVERY_S = 2.0
-"""With many files to sync, the checkpointer runs (one syncfs) at least this often."""
-SYNCFS_SOONEST_S = 0.5
-SYNCFS_WRITES_PER_FILE = 4
-SYNCFS_MIN_WRITES = 4096
-"""A syncfs is due sooner, from SYNCFS_SOONEST_S on, once the logged writes since the
-last one reach SYNCFS_WRITES_PER_FILE per file it would cover (and SYNCFS_MIN_WRITES)."""
-SYNC_CHUNK = 64
-"""Actor files fsynced per worker-thread call by the checkpointer, between yields."""
 SPARE_RETRY_S = 1.0
 """After a failed zero-fill of the next log segment (init_zero), wait this long."""
 
@@ -104,7 +89,7 @@ class _Shard:
         is not opened again until a restart's recovery applies them."""
 
 
-class LogDurability:
+class LogDurability(LogCheckpointMixin):
     """The shard-log durability policy. Shards must be attached before they serve."""
 
     mode = "log"
@@ -190,6 +175,7 @@ class LogDurability:
         if shard.buffer or shard.waiting:
             log.error("shard %s detached with %d records unflushed", directory, len(shard.buffer))
         with trio.CancelScope(shield=True):
+            await self.sync_closed_files(shard)
             async with shard.limiter:  # not while the flusher writes
                 shard.scope.cancel()
                 shard.log.close()
@@ -416,9 +402,12 @@ class LogDurability:
                 shard.unsynced[actor] = lsn + 1
 
     def forget(self, actor: Actor) -> None:
-        """The actor left memory (closed or deleted) with nothing pending."""
+        """The actor left memory (closed or deleted) with nothing pending. One closed
+        without a sync (Actor.close_quick) stays among the shard's unsynced files: the
+        log keeps its records until the checkpointer has synced its file."""
         for shard in self.shards.values():
-            shard.unsynced.pop(actor, None)
+            if not actor.closed_unsynced:
+                shard.unsynced.pop(actor, None)
             shard.waiting.discard(actor)
 
     # ------------------------------------------------------------------ background work
@@ -519,117 +508,9 @@ class LogDurability:
         except OSError:
             log.exception("shard log %s: cannot start a new segment", shard.directory)
 
-    async def _run_checkpointer(self, shard: _Shard) -> None:
-        """Keep the log bounded: make actor files durable, then trim what they cover."""
-        poll = min(CHECKPOINT_POLL_S, self.config.log_checkpoint_interval_s / 2)
-        last = trio.current_time()
-        while True:
-            await trio.sleep(poll)
-            since = trio.current_time() - last
-            due = since >= self.config.log_checkpoint_interval_s
-            if self._syncfs_mode and len(shard.unsynced) >= SYNCFS_MIN:
-                # often: a syncfs's write-back is one burst that the log's own flushes
-                # queue behind (30 s of writes at once held them for 100s of ms; 2 s of
-                # writes at 1,000 keys, 5-25 ms). Sooner when the writes per file it would
-                # cover pile up (each is a WAL frame to write back); not sooner when they
-                # are few per file, since its bookkeeping on the loop is per file.
-                writes = shard.records_since_syncfs
-                many = max(SYNCFS_MIN_WRITES, SYNCFS_WRITES_PER_FILE * len(shard.unsynced))
-                due = (
-                    due or since >= SYNCFS_EVERY_S or (since >= SYNCFS_SOONEST_S and writes >= many)
-                )
-            if not due and shard.log.size_bytes() < self.config.log_trim_bytes:
-                continue
-            last = trio.current_time()
-            await self.checkpoint_shard(shard)
-
-    async def checkpoint_shard(self, shard: _Shard) -> None:
-        """fsync every actor file with logged writes, then trim the log below them."""
-        targets = [a for a in shard.unsynced if a.conn is not None and not a.busy]
-        if self.config.log_batches_per_commit > 1:
-            await self._commit_files(targets)
-        if len(targets) >= SYNCFS_MIN and self._syncfs_mode:
-            # one syncfs instead of thousands of fdatasyncs: the disk does 1.5-3k flushes
-            # a second, and the log's own flush must get most of them
-            # LSNs in a list of their own: a tuple per file would be thousands of objects
-            # that outlive the syncfs into the collector's oldest generation, and bring
-            # its full passes (100s of ms with 10,000 actors open) on every few seconds
-            lsns = [a.file_lsn_held for a in targets]
-            shard.records_since_syncfs = 0
-            started = trio.current_time()
-            try:
-                await trio.to_thread.run_sync(syncfs, shard.directory)
-            except OSError as exc:  # nothing is known durable: keep the log, try again later
-                log.error("shard %s: syncfs failed: %s", shard.directory, exc)
-                return
-            await self._files_durable(shard, targets, lsns)
-            shard.syncfs_calls += 1
-            await trio.sleep(trio.current_time() - started)
-            targets = []
-        for i in range(0, len(targets), SYNC_CHUNK):
-            chunk = [(a, a.file_lsn_held) for a in targets[i : i + SYNC_CHUNK]]
-            started = trio.current_time()
-            done = await trio.to_thread.run_sync(self._sync_many, chunk)
-            for actor, lsn in done:
-                self.file_durable(actor, lsn)
-            # spread out: as long a pause as the chunk took, so the checkpointer takes at
-            # most half of the disk's flushes and the log's own flush is never starved
-            await trio.sleep(trio.current_time() - started)
-        below = min(shard.unsynced.values(), default=shard.log.next_lsn())
-        below = min(below, *shard.unapplied.values()) if shard.unapplied else below
-        below = min(below, shard.flushed_lsn + 1)
-        if self.before_trim is not None:
-            # every record below `below` was committed before now, and its alarm change
-            # noted in the index inline: sync the index, then drop those records
-            await trio.to_thread.run_sync(self.before_trim, shard.directory)
-        shard.trimmed_segments += await trio.to_thread.run_sync(shard.log.trim, below)
-
-    @staticmethod
-    async def _commit_files(targets: list[Actor]) -> None:
-        """Commit the open transactions of ``targets`` (:mod:`._filetxn`), inline, in
-        slices: the syncfs that follows then covers their batches."""
-        for n, actor in enumerate(targets):
-            if n % COMMIT_SLICE == COMMIT_SLICE - 1:
-                await trio.lowlevel.checkpoint()
-            if actor.txn_open and actor.conn is not None and not actor.busy:
-                try:
-                    actor.commit_file()
-                except apsw.Error as exc:  # kept: the next pass, or the close, tries again
-                    log.warning("actor %r: file commit failed: %s", actor.key, exc)
-
-    async def _files_durable(self, shard: _Shard, targets: list[Actor], lsns: list[int]) -> None:
-        """:meth:`file_durable` for every file a syncfs covered, in slices between which
-        the loop runs others: with 10,000 files, one pass is 10s of ms of bookkeeping.
-        An actor with nothing pending is not handed to :meth:`_release` (nothing to
-        deliver, no one waiting on it)."""
-        for start in range(0, len(targets), DURABLE_SLICE):
-            if start:
-                await trio.lowlevel.checkpoint()
-                if self.shards.get(shard.directory) is not shard:
-                    return  # detached meanwhile: nothing of it to release here
-            for actor, lsn in zip(
-                targets[start : start + DURABLE_SLICE],
-                lsns[start : start + DURABLE_SLICE],
-                strict=True,
-            ):
-                actor.dir_sync_needed = False  # syncfs writes the directories too
-                self._file_durable(shard, actor, lsn)
-                if actor.pending:
-                    self._release(actor, shard.flushed_lsn)
-
     def sync_file(self, actor: Actor) -> None:
         """Make the actor's file durable up to its last commit. Blocking: worker thread."""
         self._sync(actor)
-
-    def _sync_many(self, targets: list[tuple[Actor, int]]) -> list[tuple[Actor, int]]:
-        done = []
-        for actor, lsn in targets:
-            try:
-                self._sync(actor)
-            except FileNotFoundError:
-                continue  # closed meanwhile: its close checkpointed and synced the file
-            done.append((actor, lsn))
-        return done
 
     def statistics(self) -> dict[str, Any]:
         shards = list(self.shards.values())

@@ -1,4 +1,5 @@
-"""The actor pool of one process: residency (LRU, idle timeout), scheduling, lifecycle.
+"""The actor pool of one process: scheduling, lifecycle; residency (the LRU, evictions,
+the idle reaper) is its mixin in _residency.py.
 
 Callers hand calls to :meth:`ActorPool.submit_nowait` (no checkpoint, no task switch)
 and then call :meth:`ActorPool.run_ready`, which runs every actor with queued calls on
@@ -35,13 +36,13 @@ from ._handoff import HandoffMixin
 from ._keys import resolve_actor_path, validate_key
 from ._logdurability import LogDurability
 from ._ops import Inline, Op
+from ._residency import ResidencyMixin
 from ._sqlerrors import map_error
 
 log = logging.getLogger("shardlite.actor")
 
 RUN_SLICE_S = 0.005
 """How long one caller of run_ready() runs actors before leaving the rest to the runner."""
-REAP_INTERVAL_MAX_S = 5.0
 DRAIN_TIMEOUT_S = 30.0
 HOG_BATCH_S = 0.02
 """A batch that held the event loop longer than this pauses its actor afterwards ..."""
@@ -64,7 +65,7 @@ CLOSE_THREADS = 2
 _clock = time.monotonic
 
 
-class ActorPool(ExclusiveMixin, HandoffMixin):
+class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
     """All the actors of one process. Open with :func:`open_actor_pool`."""
 
     def __init__(
@@ -192,9 +193,10 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
                 continue
             if actor.state is State.CLOSED:
                 if self._open >= self.config.max_open_actors + OPEN_SLACK:
-                    # every descriptor is taken, some by actors still closing (a close
-                    # syncs a file): open this one once a close is over
                     self._evict()
+                if self._open >= self.config.max_open_actors + OPEN_SLACK:
+                    # every descriptor is taken, some by actors still closing (a close
+                    # that syncs a file): open this one once a close is over
                     self._parked.append(actor)
                     continue
                 if not os.path.exists(actor.path):
@@ -293,22 +295,6 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
             call.sink.deliver(call.tag, err)
         self._forget(actor)
 
-    def _evict(self) -> None:
-        # actors already closing still hold their files but must not be counted twice
-        excess = self._open - self._closing - self.config.max_open_actors
-        for actor in self._actors.values():
-            if excess <= 0:
-                break
-            if actor.state is State.OPEN and actor.idle:
-                self.evicted += 1
-                excess -= 1
-                self._spawn_close(actor, keep_wal=True)
-
-    def _forget(self, actor: Actor) -> None:
-        if self._actors.get(actor.key) is actor and actor.idle and actor.state is State.CLOSED:
-            del self._actors[actor.key]
-            self.durability.forget(actor)
-
     def _ckpt_pages(self, actor: Actor) -> int:
         return self.config.checkpoint_wal_bytes // actor.page_size
 
@@ -344,47 +330,6 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    def _spawn_close(self, actor: Actor, *, keep_wal: bool = False) -> None:
-        actor.state = State.BUSY
-        self._closing += 1
-        self._spawn(self._close, actor, keep_wal)
-
-    async def _close(self, actor: Actor, keep_wal: bool = False) -> None:
-        """Checkpoint in a worker thread, then close. ``keep_wal`` (evictions, which
-        the LRU is likely to reopen soon): leave a started WAL beside the file, so that
-        the reopened actor's first commit does not sync a new WAL's header on the loop
-        (Actor.checkpoint_before_close, Actor._start_wal)."""
-        with trio.CancelScope(shield=True):
-            lsn = actor.last_lsn
-            try:
-                # at most CLOSE_THREADS at once: each close syncs a file, and a reaper pass
-                # that closes thousands of idle actors must not starve the log's flushes
-                await trio.to_thread.run_sync(
-                    functools.partial(actor.checkpoint_before_close, keep_wal=keep_wal),
-                    limiter=self._close_limiter,
-                )
-                if not actor.broken:
-                    self.durability.file_durable(actor, lsn)
-            except apsw.Error:
-                log.exception("actor %r: checkpoint before close failed", actor.key)
-            try:
-                actor.close()
-            except apsw.Error:
-                log.exception("actor %r: close failed", actor.key)
-        actor.state = State.CLOSED
-        self._closing -= 1
-        self._closed_one()
-        actor.broken = False
-        actor.want_checkpoint = False
-        self._after_busy(actor)
-
-    def _closed_one(self) -> None:
-        """An actor's files are closed: an actor waiting for descriptors may open."""
-        self._open -= 1
-        if self._parked:
-            self._schedule(self._parked.popleft())
-            self.wake_runner()
-
     async def _sync_file(self, actor: Actor) -> None:
         with trio.CancelScope(shield=True):
             await self.sync_if_needed(actor)
@@ -419,6 +364,8 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
             self.run_ready()
         elif actor.state is State.CLOSED:
             self._forget(actor)
+        elif self._open - self._closing > self.config.max_open_actors:
+            self._evict()  # the actors it passed over were busy: this one may go now
 
     # ------------------------------------------------------------------ the slow lane
 
@@ -477,27 +424,6 @@ class ActorPool(ExclusiveMixin, HandoffMixin):
             while self._ready:
                 self.run_ready()
                 await trio.lowlevel.checkpoint()
-
-    async def _run_reaper(self) -> None:
-        """Passivate under pressure: once more than half of ``max_open_actors`` are open,
-        close the ones idle past ``idle_timeout`` (below that, an open file costs two
-        descriptors and its page cache, and closing it would cost two syncs now and a
-        reopen on its next request)."""
-        interval = min(self.config.idle_timeout_s / 2, REAP_INTERVAL_MAX_S)
-        while True:
-            await trio.sleep(interval)
-            if self._open - self._closing <= self.config.max_open_actors // 2:
-                for actor in [a for a in self._actors.values() if a.state is State.CLOSED]:
-                    self._forget(actor)
-                continue
-            cutoff = trio.current_time() - self.config.idle_timeout_s
-            for actor in list(self._actors.values()):
-                if actor.last_used > cutoff:
-                    break
-                if actor.state is State.OPEN and actor.idle:
-                    self._spawn_close(actor)
-                elif actor.state is State.CLOSED:
-                    self._forget(actor)
 
     async def aclose(self) -> None:
         """Stop taking calls, run what is queued, release every reply, close every file."""

@@ -8,8 +8,9 @@ alone costs per write on one core, which no server built on one file per key can
 Every file's WAL is started (one write) before the warm-up, as the servers' opening pass
 does: the first commit into a new WAL syncs its header, even with synchronous=NORMAL.
 With more keys than the descriptor limit allows open, the least recently used file is
-closed to open the next, as the servers close it (checkpoint, start the next WAL, keep
-it: two closing threads beside the writer). Prints one JSON line."""
+closed to open the next, as the servers close it: inline with no checkpoint while its WAL
+holds at most 64 KiB, else checkpointed (start the next WAL, keep it) in one of two
+closing threads beside the writer. Prints one JSON line."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import apsw
 
+from shardlite.actor._residency import QUICK_CLOSE_WAL_BYTES
+
 from .common import INSERT_SQL
 
 LSN_SQL = "UPDATE _shardlite_lsn SET lsn = ? WHERE id = 1"
@@ -39,20 +42,33 @@ def _start_wal(conn: apsw.Connection) -> None:
         conn.execute(NUDGE_SQL, (-1,))
 
 
+def _close_quick(conn: apsw.Connection) -> None:
+    """Close as the servers' LRU closes a file whose WAL is short: no checkpoint, no sync."""
+    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    conn.close()
+
+
 def _evict(conn: apsw.Connection) -> None:
-    """Close as the servers' LRU does: checkpoint, start the next WAL, keep it."""
+    """Close as the servers' LRU closes the others: checkpoint, start the next WAL, keep it."""
     conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_TRUNCATE)
     _start_wal(conn)
     conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
     conn.close()
 
 
-def _open(path: str) -> apsw.Connection:
+def _open(path: str, wal_bytes: dict[apsw.Connection, int]) -> apsw.Connection:
     conn = apsw.Connection(path, vfs="unix-none")
     conn.pragma("locking_mode", "exclusive")
     conn.pragma("journal_mode", "wal")
     conn.pragma("synchronous", "normal")
     conn.wal_autocheckpoint(0)
+    page = conn.pragma("page_size")
+
+    def hook(_conn: apsw.Connection, _db: str, pages: int) -> int:
+        wal_bytes[conn] = pages * page
+        return apsw.SQLITE_OK
+
+    conn.set_wal_hook(hook)
     return conn
 
 
@@ -76,6 +92,7 @@ def main() -> None:
     opens = 0
     closer = ThreadPoolExecutor(CLOSE_THREADS)
     closing: dict[int, Future[None]] = {}
+    wal_bytes: dict[apsw.Connection, int] = {}  # as the servers' actors track it
 
     def one(n: int) -> None:
         nonlocal opens
@@ -84,10 +101,13 @@ def main() -> None:
         if conn is None:
             if len(conns) >= cap:
                 j, old = conns.popitem(last=False)
-                closing[j] = closer.submit(_evict, old)
+                if wal_bytes.pop(old, 0) <= QUICK_CLOSE_WAL_BYTES:
+                    _close_quick(old)
+                else:
+                    closing[j] = closer.submit(_evict, old)
             if (pending := closing.pop(i, None)) is not None:
                 pending.result()  # a file reopens only once closed, as in the servers
-            conn = conns[i] = _open(files[i])
+            conn = conns[i] = _open(files[i], wal_bytes)
             opens += 1
         else:
             conns.move_to_end(i)
@@ -98,7 +118,7 @@ def main() -> None:
         conn.execute("COMMIT")
 
     for i in range(min(args.keys, cap)):  # open every file first, as the servers' pass does
-        conns[i] = _open(files[i])
+        conns[i] = _open(files[i], wal_bytes)
         _start_wal(conns[i])
     n = 0
     until = time.perf_counter() + args.warm

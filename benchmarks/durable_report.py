@@ -168,7 +168,8 @@ def _churn_note(cases: list[Any]) -> str:
         f"{BIG:,} keys: the file-descriptor hard limit caps open actors per process at "
         f"{capped} (2 descriptors per actor with `log`/`os`, 3 with `fsync`), below "
         f"{BIG:,}; with keys drawn uniformly, about (keys − cap) ÷ keys of the requests find "
-        "their actor closed, and each such open also evicts (checkpoints and closes) another. "
+        "their actor closed, and each such open also evicts another (closed inline with no "
+        "checkpoint while its WAL holds at most 64 KiB, else checkpointed in a worker thread). "
         f"Actor opens/s (median): {opens}."
     )
     log_big, log_unc = _find(cases, "log", BIG), _find(cases, "log", UNCAPPED)
@@ -178,7 +179,7 @@ def _churn_note(cases: list[Any]) -> str:
         text += (
             f" {verdict} at {BIG:,} keys: `log` with {UNCAPPED:,} keys (every actor open) does "
             f"{gain:.1f}× the writes/s of `log` with {BIG:,}: each miss opens a file inline "
-            "and closes another (checkpoint and sync) in a worker thread."
+            "and closes another."
         )
     if log_big:
         text += (
@@ -265,7 +266,8 @@ def report(
         "2026-11-30 the floor skipped this, and the files its warm-up missed each paid that "
         "sync inside the timed window: it read 10,000 keys as about half of what it is); "
         "past the descriptor limit the least recently used file is closed as the servers "
-        "close it (checkpoint, next WAL started and kept), in two closing threads; no "
+        "close it (inline with no checkpoint while its WAL holds at most 64 KiB, else "
+        "checkpointed, next WAL started and kept, in two closing threads); no "
         "network, framing, durability wait or log checkpoint. Where each transaction holds one write (many keys, few writes per key "
         "in flight: the 1,000- and 10,000-key rows, the only ones measured) no server that "
         "keeps one SQLite file per key can beat it on one core; with 1 or 64 keys the "

@@ -127,8 +127,9 @@ async def test_no_sync_runs_on_the_event_loop_through_checkpoints_evictions_and_
 ) -> None:
     """SQLite syncs a WAL's header (and a new WAL's directory) on the first commit after
     a checkpoint emptied it or a close deleted it: the worker thread that checkpoints
-    starts the next WAL itself, and an eviction leaves it beside the closed file, so no
-    tenant batch on the loop ever waits for a sync."""
+    starts the next WAL itself, and an eviction leaves it beside the closed file (a quick
+    close, inline, leaves it as it was), so no tenant batch on the loop ever waits for a
+    sync."""
     vfs = LoopSyncs(f"loopsyncs{os.getpid()}")
     try:
         config = ActorConfig(
@@ -146,11 +147,12 @@ async def test_no_sync_runs_on_the_event_loop_through_checkpoints_evictions_and_
                 await pool.call(key, Sql("INSERT INTO t VALUES (randomblob(3000))"))
             stats = pool.statistics()
             assert stats["evicted"] >= 250 and stats["opened"] >= 250
-            assert stats["checkpoints"] + stats["evicted"] >= 250
-            # an evicted actor's file keeps its started WAL: one frame past the header
+            assert stats["checkpoints"] >= 10  # the WALs filled up across evictions
+            # an evicted actor's file keeps its started WAL (a quick close leaves it as
+            # it was), which the checkpoints bound
             await wait_until(lambda: pool.statistics()["actors_open"] <= 2)
             wal = Path(str(tmp_path / key_to_relpath("key-0")) + "-wal")  # least recent
-            assert wal.stat().st_size == 32 + 24 + 4096
+            assert 32 + 24 + 4096 <= wal.stat().st_size <= 32 + 20 * (24 + 4096)
             for key in keys:
                 assert (await pool.call(key, Sql("SELECT count(*) FROM t"))).rows == [(60,)]
         assert vfs.on_loop == []
