@@ -101,6 +101,7 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
         # counters for statistics()
         self.opened = 0
         self.evicted = 0
+        self.quick_closes = 0
         self.checkpoints = 0
         self.overloaded = 0
         self.hog_pauses = 0
@@ -465,6 +466,7 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
             "ready": len(self._ready),
             "opened": self.opened,
             "evicted": self.evicted,
+            "quick_closes": self.quick_closes,
             "checkpoints": self.checkpoints,
             "overloaded": self.overloaded,
             "hog_pauses": self.hog_pauses,

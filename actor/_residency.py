@@ -40,6 +40,7 @@ class ResidencyMixin:
     config: ActorConfig
     durability: DurabilityPolicy
     evicted: int
+    quick_closes: int
     _actors: OrderedDict[str, Actor]
     _parked: deque[Actor]
     _open: int
@@ -85,6 +86,7 @@ class ResidencyMixin:
             log.warning("actor %r: quick close failed: %s", actor.key, exc)
             return False
         actor.state = State.CLOSED
+        self.quick_closes += 1
         self._closed_one()
         self._forget(actor)
         return True

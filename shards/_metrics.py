@@ -154,6 +154,12 @@ class _PoolCollector(Collector):
             s["evicted"],
         )
         yield CounterMetricFamily(
+            "shardlite_actor_quick_closes",
+            "Evictions closed at once on the event loop, with no checkpoint and no sync "
+            "(the actor's WAL held at most 64 KiB; it stays beside the file).",
+            s["quick_closes"],
+        )
+        yield CounterMetricFamily(
             "shardlite_actor_checkpoints", "WAL checkpoints run.", s["checkpoints"]
         )
         yield CounterMetricFamily(
