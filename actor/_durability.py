@@ -78,6 +78,14 @@ class DurabilityPolicy(Protocol):
     def rolled_back(self, actor: Actor) -> None:
         """The open transaction was rolled back."""
 
+    def file_commit_failed(self, actor: Actor) -> None:
+        """The file's COMMIT of batches it holds for the log failed; they stay kept
+        for its next one (durability=log with log_batches_per_commit > 1 only)."""
+
+    def reapplied(self, actor: Actor, batches: int) -> None:
+        """SQLite rolled the file's transaction back, and its kept batches were
+        applied again (durability=log with log_batches_per_commit > 1 only)."""
+
     def committed(
         self, actor: Actor, calls: list[Call], results: list[Result | Error], wrote: bool
     ) -> None:
@@ -145,6 +153,12 @@ class _PerFileDurability:
         pass
 
     def rolled_back(self, actor: Actor) -> None:
+        pass
+
+    def file_commit_failed(self, actor: Actor) -> None:
+        pass
+
+    def reapplied(self, actor: Actor, batches: int) -> None:
         pass
 
     def file_durable(self, actor: Actor, lsn: int) -> None:

@@ -35,7 +35,9 @@ from ._capture import apply_record
 from ._sandbox import internal_sql
 
 if TYPE_CHECKING:
+    from ._actor import Actor
     from ._config import ActorConfig
+    from ._durability import DurabilityPolicy
 
 log = logging.getLogger("shardlite.actor")
 
@@ -59,6 +61,8 @@ class FileTxn:
     last_lsn: int
     needs_file_sync: bool
     _wrote: bool
+    durability: DurabilityPolicy
+    _me: Actor
 
     # StatementRunner's, used here
     def _internal(self, sql: str) -> None: ...  # pragma: no cover
@@ -119,7 +123,10 @@ class FileTxn:
             try:
                 self.commit_file()
             except apsw.Error as exc:  # the records stay kept: the next commit tries again
-                log.warning("actor file commit failed (%s); kept for the next one", exc)
+                log.warning(
+                    "actor %r: file commit failed (%s); kept for the next one", self.key, exc
+                )
+                self.durability.file_commit_failed(self._me)
 
     def txn_abort(self) -> None:
         """Undo the running batch (only it, when deferring)."""
@@ -183,6 +190,7 @@ class FileTxn:
             conn.execute(_DEFER_FK)
             for _, record in self.txn_records:
                 apply_record(conn, capture.tables, record)
+            self.durability.reapplied(self._me, len(self.txn_records))
         except BaseException:
             if not conn.get_autocommit():
                 conn.execute(ROLLBACK)

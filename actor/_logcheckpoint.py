@@ -60,6 +60,7 @@ class LogCheckpointMixin:
     file_durable: Callable[[Actor, int], None]
     _file_durable: Callable[[_Shard, Actor, int], None]
     _release: Callable[[Actor, int], None]
+    file_commit_failed: Callable[[Actor], None]
 
     async def _run_checkpointer(self, shard: _Shard) -> None:
         """Keep the log bounded: make actor files durable, then trim what they cover."""
@@ -127,8 +128,7 @@ class LogCheckpointMixin:
             await trio.to_thread.run_sync(self.before_trim, shard.directory)
         shard.trimmed_segments += await trio.to_thread.run_sync(shard.log.trim, below)
 
-    @staticmethod
-    async def _commit_files(targets: list[Actor]) -> None:
+    async def _commit_files(self, targets: list[Actor]) -> None:
         """Commit the open transactions of ``targets`` (:mod:`._filetxn`), inline, in
         slices: the syncfs that follows then covers their batches."""
         for n, actor in enumerate(targets):
@@ -139,6 +139,7 @@ class LogCheckpointMixin:
                     actor.commit_file()
                 except apsw.Error as exc:  # kept: the next pass, or the close, tries again
                     log.warning("actor %r: file commit failed: %s", actor.key, exc)
+                    self.file_commit_failed(actor)
 
     async def _files_durable(self, shard: _Shard, targets: list[Actor], lsns: list[int]) -> None:
         """:meth:`file_durable` for every file a syncfs covered, in slices between which

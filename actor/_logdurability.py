@@ -104,6 +104,8 @@ class LogDurability(LogCheckpointMixin):
         self.recovered_records = 0
         self.recovered_actors = 0
         self.damaged_actors = 0  # found by recovery, marked now or before
+        self.file_commit_failures = 0
+        self.reapplied_batches = 0
         self.recovered_alarms: dict[str, dict[str, float | None]] = {}
         """Per shard: the next alarm of every file recovery opened (for the alarm index)."""
         self.before_trim: Callable[[str], None] | None = None
@@ -320,6 +322,12 @@ class LogDurability(LogCheckpointMixin):
         actor.pending.append((actor.last_lsn, calls, results, True))
         shard.waiting.add(actor)
 
+    def file_commit_failed(self, actor: Actor) -> None:
+        self.file_commit_failures += 1
+
+    def reapplied(self, actor: Actor, batches: int) -> None:
+        self.reapplied_batches += batches
+
     def rolled_back(self, actor: Actor) -> None:
         """The transaction whose record was being built is gone: forget its keys."""
         if actor.capture is not None:
@@ -527,6 +535,8 @@ class LogDurability(LogCheckpointMixin):
             "recovered_records": self.recovered_records,
             "recovered_actors": self.recovered_actors,
             "damaged_actors": self.damaged_actors,
+            "file_commit_failures": self.file_commit_failures,
+            "reapplied_batches": self.reapplied_batches,
         }
 
 

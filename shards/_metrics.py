@@ -225,6 +225,18 @@ class _PoolCollector(Collector):
                     "503 until restored or accepted; see docs/shardlog.md, Damage).",
                     dur["damaged_actors"],
                 ),
+                (
+                    "shardlite_log_file_commit_failures",
+                    "Actor file commits of batches held for the log (--log-batches-per-commit) "
+                    "that failed; the batches stay in the log and the next commit retries.",
+                    dur["file_commit_failures"],
+                ),
+                (
+                    "shardlite_log_reapplied_batches",
+                    "Batches applied again from their records after SQLite rolled back an actor "
+                    "file's transaction that held them (--log-batches-per-commit).",
+                    dur["reapplied_batches"],
+                ),
             ):
                 yield CounterMetricFamily(name, help_text, value)
             yield GaugeMetricFamily(

@@ -114,6 +114,7 @@ async def test_a_whole_transaction_rollback_puts_the_earlier_batches_back(
             await pool.call("k", Sql("INSERT OR ROLLBACK INTO t VALUES (1, 'dup')"))
         assert caught.value.status == 409
         assert await _ids(pool) == [1, 2, 3]
+        assert pool.durability.statistics()["reapplied_batches"] == 3
         await pool.call("k", Sql("INSERT INTO t VALUES (4, 'x')"))
         rows = (await pool.call("k", Sql("SELECT v FROM t WHERE id = 1"))).rows
         assert rows == [("x",)]
@@ -170,6 +171,7 @@ async def test_a_full_disk_at_the_file_commit_keeps_every_acknowledged_batch(
             vfs.full = True
             await durability.checkpoint_shard(shard)  # the commit fails: kept
             assert actor.txn_open and actor in shard.unsynced
+            assert durability.statistics()["file_commit_failures"] == 1
             await pool.call("k", Sql("INSERT INTO t VALUES (2)"))  # acknowledged (the log)
             assert await _ids(pool) == [1, 2]
             vfs.full = False
