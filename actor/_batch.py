@@ -19,7 +19,7 @@ import apsw
 
 from . import _idempotency as idempotency
 from ._calls import Call, Exclusive, deliver
-from ._capture import RowCapture
+from ._capture import ReplayError, RowCapture
 from ._config import ActorConfig
 from ._errors import (
     BadRequest,
@@ -28,6 +28,7 @@ from ._errors import (
     Internal,
     QuotaExceeded,
     TooLarge,
+    Unavailable,
     no_class_error,
 )
 from ._filetxn import FileTxn
@@ -378,7 +379,17 @@ class StatementRunner(FileTxn):
         redo = 0  # calls to run again before anything new
         stop_at = _clock() + self.config.statement_timeout_s
         preempt = self.config.inline_slice_s > 0
-        self.txn_begin()
+        try:
+            self.txn_begin()
+        except (apsw.Error, ReplayError) as exc:
+            # not a bug: with the file's transaction rolled back by SQLite, its kept
+            # batches could not be applied again (_filetxn.py), or no transaction could
+            # start. Reset the actor: its close leaves what the file lacks to the log.
+            log.error("actor %r: cannot start a transaction (%s); resetting it", self.key, exc)
+            if not conn.get_autocommit():
+                self._rollback()
+            self.broken = True
+            return [Unavailable(f"the actor could not start a transaction ({exc})")] * len(calls)
         try:
             while todo:
                 i = todo.popleft()

@@ -231,3 +231,44 @@ async def test_an_export_holds_the_batches_of_the_open_transaction(tmp_path: Pat
             conn.close()
         finally:
             os.unlink(copy)
+
+
+async def test_batches_that_cannot_be_applied_again_reset_the_actor_and_lose_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite rolled the file's transaction back and its kept batches cannot be applied
+    again (here: two re-applies fail as a full disk would). The one inside the failed
+    batch puts its call back in the mailbox; the one that starts the next batch answers
+    that call 503 `unavailable`, retryable, with a clear log line (not "unexpected
+    failure"), and resets the actor. Nothing acknowledged is lost."""
+    import shardlite.actor._filetxn as filetxn_module
+
+    config = ActorConfig(log_batches_per_commit=64, log_checkpoint_interval_s=3600)
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        await pool.call("k", Sql("CREATE TABLE t(id INTEGER PRIMARY KEY, v)"))
+        for n in (1, 2, 3):
+            await pool.call("k", Sql("INSERT INTO t VALUES (?, 'x')", [n]))
+        real_apply = filetxn_module.apply_record
+        failures = [apsw.FullError("database or disk is full") for _ in range(2)]
+
+        def apply_once_failing(*args: Any) -> None:
+            if failures:
+                raise failures.pop()
+            real_apply(*args)
+
+        monkeypatch.setattr(filetxn_module, "apply_record", apply_once_failing)
+        with pytest.raises(Error) as caught:  # SQLite rolls back the whole transaction
+            await pool.call("k", Sql("INSERT OR ROLLBACK INTO t VALUES (1, 'dup')"))
+        assert not failures
+        assert (caught.value.status, caught.value.code, caught.value.retryable) == (
+            503,
+            "unavailable",
+            True,
+        )
+        assert "cannot start a transaction" in caplog.text
+        assert "unexpected failure" not in caplog.text
+        # the reset's close applies them again (the failure is gone) and commits
+        assert await _ids(pool) == [1, 2, 3]
+        await pool.call("k", Sql("INSERT INTO t VALUES (4, 'x')"))
+    async with open_actor_pool(config, str(tmp_path)) as pool:
+        assert await _ids(pool) == [1, 2, 3, 4]
