@@ -156,10 +156,10 @@ class _PerFileDurability:
         pass
 
     def file_commit_failed(self, actor: Actor) -> None:
-        pass
+        pass  # never called: each batch commits its own file here (no kept batches)
 
     def reapplied(self, actor: Actor, batches: int) -> None:
-        pass
+        pass  # never called: as above
 
     def file_durable(self, actor: Actor, lsn: int) -> None:
         pass
