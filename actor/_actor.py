@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import trio
 
-from ._batch import _NO_DEADLINE, PROGRESS_STEPS, StatementRunner
+from ._batch import StatementRunner
 from ._calls import Call, Exclusive, Replies, Sink, State, deliver
 from ._capture import RowCapture, load_tables
 from ._config import ActorConfig
@@ -25,6 +25,7 @@ from ._connection import LSN_GET, LSN_NUDGE, LSN_SET, open_actor_db
 from ._errors import Error
 from ._ops import Result
 from ._sandbox import Authorizer
+from ._statement import NO_DEADLINE, PROGRESS_STEPS
 
 if TYPE_CHECKING:
     from ._durability import DurabilityPolicy
@@ -164,7 +165,7 @@ class Actor(StatementRunner):
         conn, auth, capture = self.conn, self._auth, self.capture
         assert conn is not None and auth is not None and capture is not None
         auth.trusted = True
-        self._deadline = _NO_DEADLINE
+        self._deadline = NO_DEADLINE
         try:
             return capture.take(conn)
         finally:
@@ -175,7 +176,7 @@ class Actor(StatementRunner):
         auth = self._auth
         assert self.conn is not None and auth is not None
         auth.trusted = True
-        self._deadline = _NO_DEADLINE
+        self._deadline = NO_DEADLINE
         try:
             self.conn.execute(LSN_SET, (lsn,))
         finally:
@@ -298,7 +299,7 @@ class Actor(StatementRunner):
         auth = self._auth
         assert auth is not None
         auth.trusted = True
-        self._deadline = _NO_DEADLINE
+        self._deadline = NO_DEADLINE
         try:
             with conn:
                 conn.execute(LSN_NUDGE, (1,))

@@ -1,4 +1,4 @@
-"""Running tenant SQL in an actor: the group-commit batch, each call, each statement.
+"""Running tenant SQL in an actor: the group-commit batch and each call in it.
 
 The pool runs :meth:`StatementRunner.run_batch` on the event-loop thread with no
 ``await`` inside. A batch is one transaction: every call in it runs (a multi-statement
@@ -8,46 +8,29 @@ durability policy, which releases them when the commit is durable (the output ga
 
 from __future__ import annotations
 
-import itertools
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import apsw
 
-from . import _idempotency as idempotency
 from ._calls import Call, Exclusive, deliver
 from ._capture import ReplayError, RowCapture
 from ._config import ActorConfig
-from ._errors import (
-    BadRequest,
-    Error,
-    Forbidden,
-    Internal,
-    QuotaExceeded,
-    TooLarge,
-    Unavailable,
-    no_class_error,
-)
+from ._errors import BadRequest, Error, Internal, Unavailable
 from ._filetxn import FileTxn
-from ._kvstore import apply_kv
-from ._ops import (
-    Batch,
-    BatchResult,
-    KvDelete,
-    KvGet,
-    KvList,
-    KvPut,
-    Op,
-    Params,
-    Result,
-    Sql,
-    SqlResult,
-)
+from ._ops import Op, Result, Sql
 from ._sandbox import Authorizer, internal_sql
 from ._sqlerrors import map_error as _map_error
+from ._statement import (
+    ONE_STATEMENT,
+    PROGRESS_STEPS,
+    Preempted,
+    StatementExec,
+    clock,
+    describe,
+)
 
 if TYPE_CHECKING:
     from ._actor import Actor
@@ -55,26 +38,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardlite.actor")
 
-PROGRESS_STEPS = 1000
-"""VM instructions between two looks at the clock while a statement runs."""
-
-_FETCH_CHUNK = 256
-_SCHEMA_SQL_MAX = 1024
-_clock = time.monotonic
-_NO_DEADLINE = float("inf")
 # Transaction control is internal SQL too: a tenant's "COMMIT" must never hit our cached
 # statement, which SQLite would run without asking the authorizer again (BEGIN, COMMIT
 # and ROLLBACK of the batch: _filetxn.py).
 _SAVEPOINT = internal_sql("SAVEPOINT call")
 _RELEASE = internal_sql("RELEASE call")
 _ROLLBACK_TO = internal_sql("ROLLBACK TO call")
-_KV_OPS = frozenset((KvGet, KvPut, KvDelete, KvList))
-_ONE_STATEMENT = frozenset((Sql, *_KV_OPS))
-"""Operations that run one statement: they need no savepoint of their own."""
-
-
-class _Preempted(Exception):
-    """A read-only statement ran past the inline slice: it goes to the slow lane."""
 
 
 class _TxnLost(Exception):
@@ -85,8 +54,9 @@ class _TxnLost(Exception):
         self.error = error
 
 
-class StatementRunner(FileTxn):
-    """The part of :class:`Actor` that runs tenant SQL: hooks, batches, calls, statements.
+class StatementRunner(StatementExec, FileTxn):
+    """The part of :class:`Actor` that runs tenant SQL: batches and calls (each
+    statement: :class:`StatementExec`).
 
     A mixin: :class:`~shardlite.actor._actor.Actor` owns the connection and the state
     declared below; this class owns the per-statement bookkeeping (``init_runner``).
@@ -117,106 +87,15 @@ class StatementRunner(FileTxn):
 
     def init_runner(self) -> None:
         self.init_file_txn()
+        self.init_statements()
         self._me = cast("Actor", self)  # what the durability policy is handed
-        self._deadline = _NO_DEADLINE
-        self._stmt_count = 0
-        self._single = True  # the running call allows one statement only
-        self._call_wrote = False  # the running call has started a write
-        self._readonly = False  # the running call may not write (a read-only token)
-        self._refused_write = False  # _exec_trace stopped a write of a read-only call
-        self._description: tuple[tuple[str, str | None], ...] = ()
         self._wrote = False
-        self._schema_sql: dict[str, None] = {}  # texts of statements that change the schema
-        self._idem_count = 0
-        # the slow lane: a read-only call still running after config.inline_slice_s on
-        # the event loop is stopped there and run again in a worker thread (pool.py)
-        self._preemptible = False  # the running statement may be stopped for that
-        self._slice_end = _NO_DEADLINE
-        self._preempt = False  # _progress stopped the statement for the slow lane
         self.preempted: Call | None = None  # the call (head of the mailbox) to run there
-        self.in_slow_lane = False
-        # temporary storage (sorts, materialized subqueries: temp_store=memory) of the
-        # running statement, as the growth of SQLite's heap since it started
-        self._mem_start = 0
-        self._temp_exceeded = False
-
-    # ------------------------------------------------------------------ SQLite hooks
-
-    def _progress(self) -> bool:
-        if self._preemptible and _clock() > self._slice_end:
-            self._preempt = True
-            return True
-        return self.over_budget()
-
-    def over_budget(self) -> bool:
-        """Whether the running tenant statement must stop: past its time budget, or its
-        temporary storage past ``max_temp_bytes`` (noted for the error). The progress
-        handler asks inline; in the slow lane the pool's watchdog asks from the loop."""
-        deadline = self._deadline
-        if deadline == _NO_DEADLINE:
-            return False  # no tenant statement runs (shardlite's own, or none)
-        if _clock() > deadline:
-            return True
-        # the growth of the process's SQLite heap since the statement started: a rough
-        # measure (others allocate and free meanwhile), see actor/DESIGN.md
-        limit = self.config.max_temp_bytes
-        if limit and apsw.memory_used() - self._mem_start > limit:
-            self._temp_exceeded = True
-            return True
-        return False
 
     def _wal_hook(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
         self._wrote = True
         self.wal_pages = pages
         return apsw.SQLITE_OK
-
-    def _exec_trace(self, cursor: apsw.Cursor, sql: str, bindings: Any) -> bool:
-        # Called after a tenant statement is prepared and before it runs: the one place
-        # where the column names of a query that returns no rows can still be read, and
-        # where we learn that the call writes (then a failure of the call must undo its
-        # writes, which SQLite does not always do: OR FAIL, RAISE(FAIL), a RETURNING
-        # write whose rows cannot be sent). Keep it lean: it runs for every call.
-        if cursor.has_vdbe:  # not just whitespace or comments
-            self._stmt_count += 1
-            if self._stmt_count > 1 and self._single:
-                return False
-            if not cursor.is_readonly:
-                self._preemptible = False
-                if self._readonly or self.in_slow_lane:
-                    self._refused_write = True
-                    return False
-                self._call_wrote = True
-                auth = self._auth
-                if auth is not None and auth.schema_op:  # noted when it was prepared
-                    auth.schema_op = False
-                    self._note_schema_sql(sql)
-                if sql in self._schema_sql:  # a cached statement is not prepared again
-                    self.schema_changed = True
-            self._description = cursor.get_description()
-        return True
-
-    def _note_schema_sql(self, sql: str) -> None:
-        # bounded, and larger than apsw's statement cache (100): every cached statement
-        # that changes the schema is still remembered when it runs again
-        schema_sql = self._schema_sql
-        schema_sql[sql] = None
-        if len(schema_sql) > _SCHEMA_SQL_MAX:
-            del schema_sql[next(iter(schema_sql))]
-
-    def _internal(self, sql: str) -> None:
-        """Run one of shardlite's own row-less statements (trusted by the authorizer).
-
-        Trusted on every run, not only the first: SQLite prepares a cached statement
-        again after a schema change, and asks the authorizer again then.
-        """
-        auth = self._auth
-        assert self.conn is not None and auth is not None
-        auth.trusted = True
-        self._deadline = _NO_DEADLINE  # the budget is the tenant's, not ours
-        try:
-            self.conn.execute(sql)
-        finally:
-            auth.trusted = False
 
     # ------------------------------------------------------------------ the batch
 
@@ -377,7 +256,7 @@ class StatementRunner(FileTxn):
         todo = deque(range(len(calls)))
         in_txn: list[int] = []  # calls whose writes the open transaction holds
         redo = 0  # calls to run again before anything new
-        stop_at = _clock() + self.config.statement_timeout_s
+        stop_at = clock() + self.config.statement_timeout_s
         preempt = self.config.inline_slice_s > 0
         try:
             self.txn_begin()
@@ -395,7 +274,7 @@ class StatementRunner(FileTxn):
                 i = todo.popleft()
                 try:
                     result = self._run_call(calls[i], preempt and not redo)
-                except _Preempted:
+                except Preempted:
                     if not conn.get_autocommit():
                         self.preempted = calls[i]  # the pool runs it in the slow lane
                         break
@@ -425,7 +304,7 @@ class StatementRunner(FileTxn):
                     results[i] = result
                 else:
                     results.append(result)
-                if not redo and todo and _clock() > stop_at:
+                if not redo and todo and clock() > stop_at:
                     break
             self._commit()
         except apsw.Error as exc:
@@ -449,7 +328,7 @@ class StatementRunner(FileTxn):
         conn = self.conn
         assert conn is not None
         op: Op = call.op  # type: ignore[assignment]
-        self._single = single = type(op) in _ONE_STATEMENT
+        self._single = single = type(op) in ONE_STATEMENT
         self._call_wrote = False
         self._readonly = call.readonly
         # a lone read may leave the loop for the slow lane: nothing of it is written yet
@@ -471,7 +350,7 @@ class StatementRunner(FileTxn):
         except Error as exc:
             err = exc
         except (KeyError, TypeError, OverflowError, ValueError) as exc:
-            err = BadRequest(f"bad parameters: {_describe(exc)}")
+            err = BadRequest(f"bad parameters: {describe(exc)}")
         else:
             if not single:
                 self._internal(_RELEASE)
@@ -486,153 +365,3 @@ class StatementRunner(FileTxn):
             self.txn_abort()  # _run_transaction tells the durability policy
             raise _TxnLost(err)
         return err
-
-    def _idem_lookup(self, key: str, op: Op) -> Result | None:
-        idempotency.check_key(key)
-        auth = self._auth
-        assert self.conn is not None and auth is not None
-        auth.trusted = True
-        self._deadline = _NO_DEADLINE
-        try:
-            return idempotency.lookup(self.conn, key, op)
-        finally:
-            auth.trusted = False
-
-    def _idem_record(self, key: str, op: Op, result: Result) -> None:
-        auth = self._auth
-        assert self.conn is not None and auth is not None
-        auth.trusted = True
-        self._deadline = _NO_DEADLINE
-        self._idem_count += 1
-        try:
-            idempotency.record(
-                self.conn, key, op, result, ttl_s=self.config.idempotency_ttl_s, n=self._idem_count
-            )
-        finally:
-            auth.trusted = False
-
-    def _reset_cursor(self) -> None:
-        """A fresh cursor: a statement that failed mid-way must not stay in progress."""
-        assert self.conn is not None
-        if self._cursor is not None:
-            self._cursor.close(True)
-        cursor = self.conn.cursor()
-        cursor.exec_trace = self._exec_trace
-        self._cursor = cursor
-
-    def _apply(self, op: Op) -> Result:
-        if type(op) is Sql:
-            return self._exec_sql(op.sql, op.params)
-        if type(op) is Batch:
-            if not op.statements:
-                raise BadRequest("batch has no statements")
-            results = []
-            for i, stmt in enumerate(op.statements):
-                try:
-                    results.append(self._exec_sql(stmt.sql, stmt.params))
-                except Error as exc:
-                    exc.message = f"statement {i}: {exc.message}"
-                    exc.details["index"] = i
-                    raise
-                except apsw.Error as exc:
-                    err = _map_error(exc, self._auth)
-                    err.message = f"statement {i}: {err.message}"
-                    err.details["index"] = i
-                    raise err from None
-            return BatchResult(results)
-        if type(op) in _KV_OPS:
-            return self._apply_kv(op)
-        if self.runtime is None:
-            raise no_class_error(self.key, op)
-        return self.runtime.apply(self, op)  # type: ignore[no-any-return]
-
-    def _exec_sql(self, sql: str, params: Params) -> SqlResult:
-        conn = self.conn
-        cursor = self._cursor
-        assert conn is not None and cursor is not None
-        self._stmt_count = 0
-        config = self.config
-        now = _clock()
-        self._mem_start = apsw.memory_used()  # before the deadline: see over_budget()
-        self._slice_end = now + config.inline_slice_s
-        self._preempt = self._temp_exceeded = False
-        self._deadline = now + config.statement_timeout_s
-        before = conn.total_changes()
-        try:
-            cursor.execute(sql, params if params is not None else ())
-            rows = _fetch(cursor, config.max_result_bytes)
-        except apsw.InterruptError:
-            if self._preempt:
-                self._reset_cursor()
-                raise _Preempted from None
-            if self._temp_exceeded:
-                raise QuotaExceeded(
-                    "the statement's temporary storage (sorts, grouping, subqueries, index "
-                    "builds, the undo journal of a large UPDATE or DELETE) passed "
-                    f"{config.max_temp_bytes} bytes (--max-temp-bytes) and it was stopped; "
-                    "nothing was written. An index matching the ORDER BY or GROUP BY "
-                    "avoids a sort; split large updates"
-                ) from None
-            raise
-        except apsw.ExecTraceAbort:
-            if self._refused_write:
-                self._refused_write = False
-                raise Forbidden(
-                    "the token is read-only and this statement writes (or changes the schema)"
-                ) from None
-            raise BadRequest(
-                "sql holds more than one statement; send one per request, or use a batch"
-            ) from None
-        except UnicodeDecodeError as exc:
-            raise BadRequest(
-                f"a text value in the result is not valid UTF-8 ({exc.reason})"
-            ) from None
-        finally:
-            self._preemptible = False  # one statement per preemptible call
-            self._deadline = _NO_DEADLINE  # a budget exists only while a statement runs
-        if self._stmt_count == 0:
-            raise BadRequest("sql is empty: it holds no statement")
-        description = self._description
-        return SqlResult(
-            [d[0] for d in description] if description else [],
-            rows,
-            conn.changes() if conn.total_changes() != before else 0,
-            conn.last_insert_rowid(),
-        )
-
-    def _apply_kv(self, op: Op) -> Result:
-        conn, auth = self.conn, self._auth
-        assert conn is not None and auth is not None
-        self._deadline = _NO_DEADLINE
-        return apply_kv(conn, auth, op, self.config.max_value_bytes)
-
-
-def _fetch(cursor: apsw.Cursor, limit: int) -> list[tuple[Any, ...]]:
-    """All rows of the running statement, stopping as soon as they pass ``limit`` bytes."""
-    rows = list(itertools.islice(cursor, _FETCH_CHUNK))
-    size = _size(rows)
-    while size <= limit and len(rows) % _FETCH_CHUNK == 0:
-        chunk = list(itertools.islice(cursor, _FETCH_CHUNK))
-        if not chunk:
-            break
-        size += _size(chunk)
-        rows += chunk
-    if size > limit:
-        raise TooLarge(
-            f"the result is larger than {limit} bytes; select fewer rows (LIMIT/OFFSET) or columns"
-        )
-    return rows
-
-
-def _size(rows: list[tuple[Any, ...]]) -> int:
-    size = 0
-    for row in rows:
-        for v in row:
-            size += len(v) if isinstance(v, (str, bytes)) else 9
-    return size
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, KeyError):
-        return f"no value for named parameter {exc.args[0]!r}"
-    return str(exc)
