@@ -78,6 +78,10 @@ class DurabilityPolicy(Protocol):
     def rolled_back(self, actor: Actor) -> None:
         """The open transaction was rolled back."""
 
+    def file_committed(self, actor: Actor) -> None:
+        """The file committed the batches it held for the log (durability=log with
+        log_batches_per_commit > 1 only)."""
+
     def file_commit_failed(self, actor: Actor) -> None:
         """The file's COMMIT of batches it holds for the log failed; they stay kept
         for its next one (durability=log with log_batches_per_commit > 1 only)."""
@@ -155,8 +159,11 @@ class _PerFileDurability:
     def rolled_back(self, actor: Actor) -> None:
         pass
 
-    def file_commit_failed(self, actor: Actor) -> None:
+    def file_committed(self, actor: Actor) -> None:
         pass  # never called: each batch commits its own file here (no kept batches)
+
+    def file_commit_failed(self, actor: Actor) -> None:
+        pass  # never called: as above
 
     def reapplied(self, actor: Actor, batches: int) -> None:
         pass  # never called: as above

@@ -171,6 +171,7 @@ class FileTxn:
         self.txn_batches = 0
         self.txn_records.clear()
         self.committed_lsn = self.last_lsn
+        self.durability.file_committed(self._me)  # write-back for the next syncfs
 
     def _reapply(self) -> None:
         """Inside a new transaction: apply the kept records again (as recovery does)."""

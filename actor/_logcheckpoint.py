@@ -36,12 +36,16 @@ DURABLE_SLICE = 1000
 SYNCFS_MIN = 16
 """From this many actor files to sync, the checkpointer calls syncfs(2) once instead."""
 SYNCFS_EVERY_S = 2.0
-"""With many files to sync, the checkpointer runs (one syncfs) at least this often."""
+SYNCFS_EVERY_COMMITS = 1024
+"""With many files to sync and at least SYNCFS_EVERY_COMMITS actor-file commits since the
+last syncfs (each a few WAL frames to write back, so about 8 MiB of 4 KiB pages), the
+checkpointer runs (one syncfs) at least every SYNCFS_EVERY_S."""
 SYNCFS_SOONEST_S = 0.5
 SYNCFS_WRITES_PER_FILE = 4
 SYNCFS_MIN_WRITES = 4096
-"""A syncfs is due sooner, from SYNCFS_SOONEST_S on, once the logged writes since the
-last one reach SYNCFS_WRITES_PER_FILE per file it would cover (and SYNCFS_MIN_WRITES)."""
+"""A syncfs is due sooner, from SYNCFS_SOONEST_S on, once the actor-file commits since
+the last one reach SYNCFS_WRITES_PER_FILE per file it would cover (and SYNCFS_MIN_WRITES).
+With log_batches_per_commit 1 every logged write is a commit."""
 SYNC_CHUNK = 64
 """Actor files fsynced per worker-thread call by the checkpointer, between yields."""
 
@@ -71,15 +75,20 @@ class LogCheckpointMixin:
             since = trio.current_time() - last
             due = since >= self.config.log_checkpoint_interval_s
             if self._syncfs_mode and len(shard.unsynced) >= SYNCFS_MIN:
-                # often: a syncfs's write-back is one burst that the log's own flushes
-                # queue behind (30 s of writes at once held them for 100s of ms; 2 s of
-                # writes at 1,000 keys, 5-25 ms). Sooner when the writes per file it would
-                # cover pile up (each is a WAL frame to write back); not sooner when they
-                # are few per file, since its bookkeeping on the loop is per file.
-                writes = shard.records_since_syncfs
+                # often while files commit: a syncfs's write-back is one burst that the
+                # log's own flushes queue behind (30 s of one-write commits at once held
+                # them for 100s of ms; 2 s of them at 1,000 keys, 5-25 ms). Sooner when the
+                # commits per file it would cover pile up (each is WAL frames to write
+                # back); not sooner when they are few per file, since its bookkeeping on
+                # the loop is per file. Batches held in files' open transactions
+                # (--log-batches-per-commit) are in no page cache yet: they wait for the
+                # interval or the log's size, and then commit once per file.
+                commits = shard.file_commits_since_syncfs
                 many = max(SYNCFS_MIN_WRITES, SYNCFS_WRITES_PER_FILE * len(shard.unsynced))
                 due = (
-                    due or since >= SYNCFS_EVERY_S or (since >= SYNCFS_SOONEST_S and writes >= many)
+                    due
+                    or (since >= SYNCFS_EVERY_S and commits >= SYNCFS_EVERY_COMMITS)
+                    or (since >= SYNCFS_SOONEST_S and commits >= many)
                 )
             if not due and shard.log.size_bytes() < self.config.log_trim_bytes:
                 continue
@@ -99,7 +108,7 @@ class LogCheckpointMixin:
             # that outlive the syncfs into the collector's oldest generation, and bring
             # its full passes (100s of ms with 10,000 actors open) on every few seconds
             lsns = [a.file_lsn_held for a in targets]
-            shard.records_since_syncfs = 0
+            shard.file_commits_since_syncfs = 0
             started = trio.current_time()
             try:
                 await trio.to_thread.run_sync(syncfs, shard.directory)

@@ -75,7 +75,11 @@ class _Shard:
         self.limiter = trio.CapacityLimiter(1)
         self.rounds = 0
         self.bytes = 0
-        self.records_since_syncfs = 0
+        self.file_commits_since_syncfs = 0
+        """Actor-file commits since the last syncfs: each writes the pages it changed to
+        its WAL, write-back the next syncfs flushes. One per logged write with
+        log_batches_per_commit 1; with more, one per file commit (every N batches, a
+        close, an exclusive call), while the batches in between stay in SQLite's cache."""
         self.trimmed_segments = 0
         self.failures = 0
         self.syncfs_calls = 0
@@ -260,7 +264,8 @@ class LogDurability(LogCheckpointMixin):
             return
         shard.buffer.append(encode_record(lsn, actor.key, record, prev=prev))
         shard.buffered_lsn = lsn
-        shard.records_since_syncfs += 1
+        if not actor.defer_commits:  # it commits its file now (else: file_committed)
+            shard.file_commits_since_syncfs += 1
         if shard.shipping is not None:
             self._ship(shard, actor.key, lsn, record)
         shard.unsynced.setdefault(actor, lsn)
@@ -303,7 +308,8 @@ class LogDurability(LogCheckpointMixin):
         if shard.buffer and shard.buffered_lsn == lsn:
             shard.buffer.pop()
             shard.buffered_lsn = buffered_lsn
-            shard.records_since_syncfs -= 1
+            if not actor.defer_commits:
+                shard.file_commits_since_syncfs -= 1
             if new_unsynced:
                 shard.unsynced.pop(actor, None)
 
@@ -321,6 +327,11 @@ class LogDurability(LogCheckpointMixin):
             return
         actor.pending.append((actor.last_lsn, calls, results, True))
         shard.waiting.add(actor)
+
+    def file_committed(self, actor: Actor) -> None:
+        shard = actor.log_shard
+        if shard is not None:
+            shard.file_commits_since_syncfs += 1
 
     def file_commit_failed(self, actor: Actor) -> None:
         self.file_commit_failures += 1

@@ -180,9 +180,12 @@ def _churn_note(cases: list[Any]) -> str:
     if log_big:
         text += (
             " The log checkpointer runs all through the measured window: with 16 or more "
-            "actor files written since its last pass it makes them durable with one "
-            "`syncfs(2)` at least every 2 s (from 0.5 s on, once the writes since the last "
-            "one reach 4 per file, at least 4,096), then trims the log."
+            "actor files written since its last pass it commits their open transactions "
+            "and makes them durable with one `syncfs(2)` at least every 30 s "
+            "(`--log-checkpoint-interval`), every 2 s while files commit at least 1,024 "
+            "times between two (a commit per write, as with `--log-batches-per-commit 1`), "
+            "from 0.5 s on once the commits reach 4 per file (at least 4,096), then trims "
+            "the log."
         )
     return text
 
