@@ -196,6 +196,11 @@ async def run_server(
             os.close(lock)
 
 
+async def _keep_lease(scope: trio.CancelScope, lease: Lease) -> None:
+    with scope:
+        await lease.run()
+
+
 async def _serve(
     *,
     settings: Settings,
@@ -252,6 +257,10 @@ async def _serve(
                         node.rate_limit = RateLimiter(settings.rate_limit)
                     if pool.runtime is not None:  # actor classes call others through it
                         pool.runtime.remote = functools.partial(node.call, pool)
+                    # renew the lease while starting: recovering the shards' logs after a
+                    # crash can take longer than its TTL, and the registration needs it
+                    starting = trio.CancelScope()
+                    background.start_soon(_keep_lease, starting, lease)
                     await node.adopt(placement)
                     app = create_app(pool, node, settings, metrics)
                     http_urls = await servers.start(
@@ -305,6 +314,7 @@ async def _serve(
                     registered = await directory.load()  # this very process included
                     if registered is not None:
                         await node.adopt(registered)
+                    starting.cancel()  # the node keeps it from here (and registers again)
                     await background.start(node.run_lease)
                     await background.start(node.run_watcher)
                     if auth.required:

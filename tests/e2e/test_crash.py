@@ -232,3 +232,35 @@ def test_evicted_files_closed_without_a_sync_lose_nothing_to_a_kill(start_server
             rows = client.actor(key).sql("SELECT v FROM t ORDER BY v").rows
             assert [v for (v,) in rows] == list(range(n, 120, len(keys)))
             assert client.actor(key).sql("PRAGMA integrity_check").rows == [("ok",)]
+
+
+def test_a_restart_whose_recovery_outlasts_the_lease_ttl_still_starts(start_server: Any) -> None:
+    """Recovery runs before the process registers in the directory, bound to its lease,
+    and after a kill -9 it can take longer than the lease's TTL (here: every key's
+    batches, which the files never committed with the default --log-batches-per-commit,
+    applied from the log). The lease is renewed meanwhile, so the restart serves."""
+    args = ("--procs", "1", "--shards", "1", "--lease-ttl", "300ms")
+    args += ("--log-checkpoint-interval", "1h", "--log-trim-bytes", "1GiB")  # no commits
+    server = start_server(*args)
+    keys = [f"lease-{i}" for i in range(1500)]
+
+    async def write() -> None:
+        async with shardlite.connect_async(server.rpc_url, timeout=30) as client:
+
+            async def writer(part: list[str]) -> None:
+                for key in part:
+                    for n in range(3):
+                        await client.actor(key).kv.put(f"k{n}", n)
+
+            async with trio.open_nursery() as nursery:
+                for w in range(32):
+                    nursery.start_soon(writer, keys[w::32])
+
+    trio.run(write)
+    server.kill()
+    again = start_server(*args, data=server.data)
+    text = httpx.get(f"{again.http_url}/metrics").text
+    m = re.search(r"^shardlite_log_recovered_actors_total ([0-9.e+]+)$", text, re.M)
+    assert m and float(m.group(1)) == len(keys)  # every file lacked its batches
+    with shardlite.connect(again.rpc_url) as client:
+        assert [client.actor(key).kv.get("k2") for key in keys[::100]] == [2] * 15
