@@ -41,9 +41,20 @@ class DurabilityPolicy(Protocol):
     on_released: Callable[[Actor], None]
     recovered_alarms: dict[str, dict[str, float | None]]
     """Per shard attached: next alarm times recovery found in the files it opened."""
+    on_recovered_alarms: Callable[[str], None]
+    """Called when recovery added to ``recovered_alarms`` after the shard was attached."""
 
     async def attach_shard(self, directory: str) -> None:
-        """Before a shard serves: recover whatever its log holds."""
+        """Before a shard serves: read its log (or, os/fsync, apply what it holds)."""
+
+    def needs_replay(self, actor: Actor) -> bool:
+        """Whether the actor's file lacks records its shard's log held at attach."""
+
+    async def replay_actor(self, actor: Actor) -> None:
+        """Bring the actor's file up to its shard's log, before it is opened."""
+
+    async def wait_recovered(self, directory: str | None = None) -> None:
+        """Until the shard's files (every shard's) hold what its log held at attach."""
 
     async def detach_shard(self, directory: str) -> None:
         """The shard stopped serving here; every actor of it is closed."""
@@ -120,6 +131,7 @@ class _PerFileDurability:
         self.config = config
         self.on_released: Callable[[Actor], None] = lambda actor: None
         self.recovered_alarms: dict[str, dict[str, float | None]] = {}
+        self.on_recovered_alarms: Callable[[str], None] = lambda directory: None
 
     async def attach_shard(self, directory: str) -> None:
         # a shard that ran with durability=log may hold records its files lack
@@ -129,6 +141,15 @@ class _PerFileDurability:
 
     async def detach_shard(self, directory: str) -> None:
         pass  # no log: each closed actor's file holds everything already
+
+    def needs_replay(self, actor: Actor) -> bool:
+        return False  # attach_shard applied all its log held before the shard served
+
+    async def replay_actor(self, actor: Actor) -> None:
+        return None  # (never asked: needs_replay is False)
+
+    async def wait_recovered(self, directory: str | None = None) -> None:
+        return None  # attach_shard applied all its log held before the shard served
 
     def log_epoch(self, directory: str) -> int:
         return read_log_epoch(directory)

@@ -130,6 +130,8 @@ class LogCheckpointMixin:
             await trio.sleep(trio.current_time() - started)
         below = min(shard.unsynced.values(), default=shard.log.next_lsn())
         below = min(below, *shard.unapplied.values()) if shard.unapplied else below
+        if shard.replay_floor is not None:  # recovery is not over (_logrecovery.py)
+            below = min(below, shard.replay_floor)
         below = min(below, shard.flushed_lsn + 1)
         if self.before_trim is not None:
             # every record below `below` was committed before now, and its alarm change

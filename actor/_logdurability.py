@@ -15,6 +15,9 @@ The log is trimmed once the actor files it covers are durable themselves: a
 checkpointer per shard fsyncs the WALs of actors with logged writes (spread over time),
 closes and checkpoints do it anyway, and then whole segments below the oldest LSN not
 yet durable in its file are deleted (the checkpointer: _logcheckpoint.py).
+
+Recovery runs while the shard serves (_logrecovery.py): attaching a shard only reads
+its log.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ import trio.lowlevel
 
 from ._actor import Actor, Call, deliver, sync_directory
 from ._config import ActorConfig
-from ._errors import ActorDamaged, Error, Internal
+from ._errors import ActorDamaged, Error, Internal, Unavailable
 from ._logcheckpoint import LogCheckpointMixin
+from ._logrecovery import LogRecoveryMixin, queued
 from ._ops import Result
-from ._recovery import HAVE_SYNCFS, replay_shard
-from ._shardlog import LOG_DIR, LogCorrupt, ShardLog, encode_record, read_log_epoch
+from ._recovery import HAVE_SYNCFS
+from ._shardlog import LOG_DIR, LogCorrupt, Record, ShardLog, encode_record, read_log_epoch
 
 log = logging.getLogger("shardlite.actor")
 
@@ -87,13 +91,22 @@ class _Shard:
         """While the shard is being moved: each key's records since tracking began (None:
         a change no record describes; the key must be copied whole)."""
         self.shipping_bytes = 0
+        self.to_replay: dict[str, list[Record]] = {}
+        """Keys the log held records of when the shard was attached whose files have not
+        been brought up to them yet (the background recovery's queue)."""
+        self.replaying: dict[str, trio.Event] = {}
+        """Keys being brought up to the log now; each event is set when that is over."""
+        self.replay_floor: int | None = None
+        """While recovery runs: its oldest record, below which the log is not trimmed."""
+        self.recovered = trio.Event()
+        """Set once every file holds, durably, what the log held when it was attached."""
         self.unapplied: dict[str, int] = {}
         """Keys closed with batches their files lack (their transaction could not be put
         back, _filetxn.py): the oldest such LSN. The log is kept from there, and the key
         is not opened again until a restart's recovery applies them."""
 
 
-class LogDurability(LogCheckpointMixin):
+class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
     """The shard-log durability policy. Shards must be attached before they serve."""
 
     mode = "log"
@@ -112,6 +125,8 @@ class LogDurability(LogCheckpointMixin):
         self.reapplied_batches = 0
         self.recovered_alarms: dict[str, dict[str, float | None]] = {}
         """Per shard: the next alarm of every file recovery opened (for the alarm index)."""
+        self.on_recovered_alarms: Callable[[str], None] = lambda directory: None
+        """Called on the loop when recovery added to ``recovered_alarms[directory]``."""
         self.before_trim: Callable[[str], None] | None = None
         """Blocking, before the log of a shard is trimmed (the alarm index's sync)."""
         self._appended: tuple[Actor, int, int, int, bool] | None = None
@@ -124,7 +139,8 @@ class LogDurability(LogCheckpointMixin):
     # ------------------------------------------------------------------ shards
 
     async def attach_shard(self, directory: str) -> None:
-        """Open the shard's log, replay what actor files lack, start its flusher."""
+        """Open the shard's log and start its flusher, checkpointer and recovery: the
+        files of the keys it holds records of are brought up to them while it serves."""
         if directory in self.shards:
             return
         shard_log = ShardLog(
@@ -133,14 +149,6 @@ class LogDurability(LogCheckpointMixin):
             init_zero=self.config.log_init_zero,
         )
         recovered = await trio.to_thread.run_sync(shard_log.open)
-        try:
-            replayed, alarms, damaged = await trio.to_thread.run_sync(
-                replay_shard, directory, recovered, self.config
-            )
-        except BaseException:
-            shard_log.close()  # not served (a hole in the log, say): no descriptor left open
-            raise
-        self.recovered_alarms[directory] = alarms
         self.recovered_records += recovered.count
         for torn in recovered.torn_segments:
             log.info(
@@ -150,17 +158,20 @@ class LogDurability(LogCheckpointMixin):
                 torn.offset,
                 torn.ignored_bytes,
             )
-        self.recovered_actors += replayed
-        self.damaged_actors += len(damaged)
-        if recovered.count:
-            log.info(
-                "shard %s: %d log records, %d actor files brought up to date",
-                directory,
-                recovered.count,
-                replayed,
-            )
         shard = _Shard(directory, shard_log)
         shard.flushed_lsn = shard.buffered_lsn = shard_log.next_lsn() - 1
+        shard.to_replay = recovered.records
+        if recovered.records:
+            shard.replay_floor = min(r[0].lsn for r in recovered.records.values())
+            log.info(
+                "shard %s: %d log records of %d keys; their files are brought up to them "
+                "while the shard serves",
+                directory,
+                recovered.count,
+                len(recovered.records),
+            )
+        else:
+            shard.recovered.set()
         self.shards[directory] = shard
         assert self._nursery is not None, "run() must be started before attach_shard()"
         self._nursery.start_soon(self._run_shard, shard)
@@ -171,6 +182,7 @@ class LogDurability(LogCheckpointMixin):
                 nursery.start_soon(self._run_flusher, shard)
                 nursery.start_soon(self._run_checkpointer, shard)
                 nursery.start_soon(self._run_spare_maker, shard)
+                nursery.start_soon(self._run_recovery, shard)
 
     async def detach_shard(self, directory: str) -> None:
         """The shard no longer serves here and every actor of it is closed (so its files
@@ -181,6 +193,7 @@ class LogDurability(LogCheckpointMixin):
         if shard.buffer or shard.waiting:
             log.error("shard %s detached with %d records unflushed", directory, len(shard.buffer))
         with trio.CancelScope(shield=True):
+            await self._recover(shard, retry=False)  # its files must hold what its log holds
             await self.sync_closed_files(shard)
             async with shard.limiter:  # not while the flusher writes
                 shard.scope.cancel()
@@ -209,6 +222,9 @@ class LogDurability(LogCheckpointMixin):
 
     def opened(self, actor: Actor) -> None:
         shard = self.shard_of(actor)
+        if shard.replay_floor is not None and queued(shard, actor.key):
+            actor.close()  # the pool awaits replay_actor first: this is a safety net
+            raise Unavailable(f"actor {actor.key!r} is being recovered from the shard log; retry")
         if actor.key in shard.unapplied:
             actor.close()
             raise ActorDamaged(
@@ -545,6 +561,7 @@ class LogDurability(LogCheckpointMixin):
             "log_bytes": sum(s.log.size_bytes() for s in shards),
             "recovered_records": self.recovered_records,
             "recovered_actors": self.recovered_actors,
+            "recovering_actors": sum(len(s.to_replay) + len(s.replaying) for s in shards),
             "damaged_actors": self.damaged_actors,
             "file_commit_failures": self.file_commit_failures,
             "reapplied_batches": self.reapplied_batches,

@@ -79,6 +79,7 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
         self._locate = locate
         self.durability = durability if durability is not None else make_durability(config)
         self.durability.on_released = self._on_released
+        self.durability.on_recovered_alarms = self._recovered_alarms
         self._actors: OrderedDict[str, Actor] = OrderedDict()
         self._tracked: dict[str, set[str]] = {}  # shard directory -> keys written (moves)
         self._ready: deque[Actor] = deque()
@@ -162,11 +163,23 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
             self._ready.append(actor)
 
     async def attach_shard(self, directory: str) -> None:
-        """Serve the shard in ``directory``: recover what its log holds first."""
+        """Serve the shard in ``directory`` (its recovery from its log runs meanwhile)."""
         await self.durability.attach_shard(directory)
         found = self.durability.recovered_alarms.pop(directory, {})
         if self.runtime is not None:
             await self.runtime.scheduler.attach(directory, found)
+            self._recovered_alarms(directory)  # found while the index loaded
+
+    def _recovered_alarms(self, directory: str) -> None:
+        """Recovery brought files up to the log while the shard serves: their next
+        alarms into the shard's alarm index, once it is loaded (attach_shard)."""
+        if self.runtime is None:
+            self.durability.recovered_alarms.pop(directory, None)
+            return
+        scheduler = self.runtime.scheduler
+        if directory in scheduler.indexes:
+            for key, at in self.durability.recovered_alarms.pop(directory, {}).items():
+                scheduler.note(key, directory, at)
 
     def wake_runner(self) -> None:
         """Let the runner task run what is queued, once the current tasks have yielded."""
@@ -189,6 +202,12 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
                 self._maybe_maintain(actor)
                 continue
             actor.last_used = now
+            if actor.state is State.CLOSED and self.durability.needs_replay(actor):
+                # its file lacks records the shard log held at attach (a restart after
+                # a crash): brought up to them first, ahead of the background recovery
+                actor.state = State.BUSY
+                self._spawn(self._replay_then_run, actor)
+                continue
             if type(actor.mailbox[0].op) is Exclusive:
                 self._start_exclusive(actor)
                 continue
@@ -257,6 +276,16 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
         return await waiter.wait()
 
     # ------------------------------------------------------------------ residency
+
+    async def _replay_then_run(self, actor: Actor) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await self.durability.replay_actor(actor)
+            except Error as exc:
+                self._open_failed(actor, exc)
+                return
+        actor.state = State.CLOSED
+        self._after_busy(actor)
 
     async def _create_actor(self, actor: Actor) -> None:
         with trio.CancelScope(shield=True):

@@ -1,8 +1,9 @@
 """Recovery of a shard from its log: replaying into the actor files what they lack.
 
-Runs before a shard serves (``LogDurability.attach_shard``), when a shard that will not
-use its log drains it (durability os or fsync), and for the records shipped with a
-moved shard (``shards/_shardfiles.py``). See docs/shardlog.md, "Applying records".
+Runs key by key while a shard serves (``LogDurability``: before a key's actor is
+opened, and for every key in the background), all at once when a shard that will not use
+its log drains it (durability os or fsync), and for the records shipped with a moved
+shard (``shards/_shardfiles.py``). See docs/shardlog.md, "Applying records".
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger("shardlite.actor")
 
 class RecoveryFailed(LogCorrupt):
     """An actor file could not be read or written during recovery (an I/O error, a full
-    disk): the shard is not served, and recovery runs again when it is next attached."""
+    disk): its key is not served until a later try succeeds."""
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -79,55 +80,79 @@ def drain_shard_log(directory: str, config: ActorConfig) -> dict[str, float | No
 def replay_shard(
     directory: str, recovered: Recovered, config: ActorConfig
 ) -> tuple[int, dict[str, float | None], list[str]]:
-    """Bring every actor file of the shard up to the log. Blocking: runs before serving.
-
-    For each key with records: open its file (a missing file was deleted: its records
-    are moot), apply the records past the LSN it holds, in one transaction, with
-    triggers and foreign keys off (the records hold their effects) and DEFENSIVE off (the
-    records may write FTS5 shadow tables), and close it. Then every file opened is made
-    durable, so that those records are never needed again: with one syncfs(2) at the
-    end, keeping each WAL (after a kill -9 or a crash, a checkpoint of each of thousands
-    of files took two fsyncs apiece, seconds before the shard served), or, on a VFS of
-    its own (the power-cut tests) or without syncfs, with a checkpoint as each closes.
-
-    A key whose records stop following its file, or do not apply to it, is marked
-    damaged (``replay_file``): the shard serves, that key answers ``ActorDamaged``. An
-    error that is not the file's or the log's content (I/O, a full disk) refuses the
-    shard (``RecoveryFailed``): recovery runs again when it is next attached.
+    """Bring every actor file of the shard up to the log at once (:func:`replay_key` for
+    each key with records, then one syncfs). Blocking. For a shard that will not use its
+    log (:func:`drain_shard_log`); a shard that does recovers key by key while it serves
+    (``LogDurability``, see docs/shardlog.md, "Applying records").
 
     Returns how many files were brought up to date, the next alarm time of every file
     opened that has an alarms table (the alarm index may have missed those), and the keys
-    found damaged (marked now or before).
-    """
+    found damaged (marked now or before). Raises :class:`RecoveryFailed` (I/O, a full
+    disk): recovery runs again when the shard is next attached."""
     replayed = 0
     damaged: list[str] = []
     alarms: dict[str, float | None] = {}
-    one_sync = HAVE_SYNCFS and config.vfs is None
-    opened = 0
+    one_sync = one_syncfs(config)
     for key, records in recovered.records.items():
         try:
-            path = resolve_actor_path(directory, key)
-        except Error:
-            log.error("shard log %s: record for an invalid key %r skipped", directory, key)
-            continue
-        if not os.path.exists(path):
-            continue
-        opened += 1
-        try:
-            replayed += replay_file(path, key, records, config, alarms, checkpoint=not one_sync)
-        except ActorDamaged as exc:  # marked by an earlier recovery, or just now
-            log.error("shard log %s: %s", directory, exc.message)
+            replayed += replay_key(directory, key, records, config, alarms)
+        except ActorDamaged:
             damaged.append(key)
-        except Error as exc:  # a file of another key, say: no open of it will serve it
-            log.error("shard log %s: actor %r not recovered: %s", directory, key, exc)
-        except (apsw.Error, OSError) as exc:
-            raise RecoveryFailed(
-                f"actor {key!r} could not be brought up to the shard log ({exc}); the shard "
-                "is not served until a recovery succeeds (it runs again at the next start)"
-            ) from exc
-    if one_sync and opened:
+    if one_sync and recovered.records:
         syncfs(directory)
     return replayed, alarms, damaged
+
+
+def one_syncfs(config: ActorConfig) -> bool:
+    """Whether files brought up to the log keep their WALs unsynced, for one syncfs(2) to
+    make them all durable afterwards (else each checkpoints as it closes: on a VFS of
+    its own, the power-cut tests', or without syncfs)."""
+    return HAVE_SYNCFS and config.vfs is None
+
+
+def replay_key(
+    directory: str,
+    key: str,
+    records: list[Record],
+    config: ActorConfig,
+    alarms: dict[str, float | None],
+) -> int:
+    """Bring ``key``'s actor file up to its records in the shard log; 1 if it lacked
+    any. Blocking.
+
+    Opens the file (a missing file was deleted: its records are moot), applies the
+    records past the LSN it holds in one transaction, with triggers and foreign keys off
+    (the records hold their effects) and DEFENSIVE off (the records may write FTS5
+    shadow tables), and closes it: keeping its WAL unsynced where :func:`one_syncfs`
+    (the caller syncs the file system before the records may be dropped; after a kill -9,
+    a checkpoint of each of thousands of files took two fsyncs apiece), else
+    checkpointed. The next alarm of a file with an alarms table goes into ``alarms``.
+
+    A key whose records stop following its file, or do not apply to it, is marked
+    damaged (:func:`replay_file`) and raises :class:`ActorDamaged`: that key is not
+    served, the others are. An error that is not the file's or the log's content (I/O, a
+    full disk) raises :class:`RecoveryFailed`: nothing is marked, and the records must
+    be applied again later."""
+    try:
+        path = resolve_actor_path(directory, key)
+    except Error:
+        log.error("shard log %s: record for an invalid key %r skipped", directory, key)
+        return 0
+    if not os.path.exists(path):
+        return 0
+    try:
+        return replay_file(path, key, records, config, alarms, checkpoint=not one_syncfs(config))
+    except ActorDamaged as exc:  # marked by an earlier recovery, or just now
+        log.error("shard log %s: %s", directory, exc.message)
+        raise
+    except Error as exc:  # a file of another key, say: no open of it will serve it
+        log.error("shard log %s: actor %r not recovered: %s", directory, key, exc)
+        return 0
+    except (apsw.Error, OSError) as exc:
+        raise RecoveryFailed(
+            f"actor {key!r} could not be brought up to the shard log ({exc}); it is not "
+            "served until that succeeds (it is tried again)"
+        ) from exc
 
 
 def mark_damaged(path: str, reason: str) -> None:
@@ -284,4 +309,13 @@ def _note_alarms(conn: apsw.Connection, key: str, into: dict[str, float | None])
         into[key] = None if at is None else float(at)
 
 
-__all__ = ["HAVE_SYNCFS", "drain_shard_log", "replay_file", "replay_shard", "syncfs"]
+__all__ = [
+    "HAVE_SYNCFS",
+    "RecoveryFailed",
+    "drain_shard_log",
+    "one_syncfs",
+    "replay_file",
+    "replay_key",
+    "replay_shard",
+    "syncfs",
+]

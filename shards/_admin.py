@@ -119,6 +119,9 @@ class Admin:
 
     async def _shardkeys(self, op: wire.ShardKeys) -> wire.KeyList:
         directory = shard_dir(self.data, op.shard)
+        # recovery after a restart opens files in the background: the listing must not
+        # meet one (a hashed name's key is read from inside the file)
+        await self.pool.durability.wait_recovered(directory)
         known = self.pool.keys_by_path(directory)
         keys = await trio.to_thread.run_sync(list_actor_keys, directory, known)
         return wire.KeyList(keys, self.pool.durability.log_epoch(directory))

@@ -240,6 +240,13 @@ class _PoolCollector(Collector):
             ):
                 yield CounterMetricFamily(name, help_text, value)
             yield GaugeMetricFamily(
+                "shardlite_log_recovering_actors",
+                "Actor keys whose files recovery has yet to bring up to the shard log after "
+                "a restart (it runs while the shard serves; each is brought up first if "
+                "called before its turn).",
+                dur["recovering_actors"],
+            )
+            yield GaugeMetricFamily(
                 "shardlite_log_unsynced_actors",
                 "Actors with logged writes not yet durable in their own file.",
                 dur["unsynced_actors"],

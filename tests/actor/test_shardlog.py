@@ -21,7 +21,7 @@ import msgspec
 import pytest
 import trio
 
-import shardlite.actor._recovery as recovery_module
+import shardlite.actor._logrecovery as logrecovery_module
 import shardlite.actor._shardlog as shardlog_module
 from shardlite.actor import (
     Actor,
@@ -691,10 +691,13 @@ async def test_recovery_makes_the_replayed_files_durable_with_one_syncfs(
             Path(f"{path}{suffix}").unlink(missing_ok=True)
 
     synced = []
-    monkeypatch.setattr(recovery_module, "syncfs", lambda d: synced.append(d) or syncfs(d))
+    monkeypatch.setattr(logrecovery_module, "syncfs", lambda d: synced.append(d) or syncfs(d))
     async with open_actor_pool(config, str(tmp_path)) as pool:
+        durability = pool.durability
+        assert isinstance(durability, LogDurability)
+        await durability.wait_recovered()  # it runs while the shard serves
         assert synced == [str(tmp_path)]
-        assert pool.durability.recovered_actors == len(keys)
+        assert durability.recovered_actors == len(keys)
         for path, _ in files.values():  # replayed into the WAL, not checkpointed
             assert os.path.getsize(f"{path}-wal") > 0
         for key in keys:
