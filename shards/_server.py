@@ -65,10 +65,17 @@ FDS_PER_ACTOR = {"os": 2, "log": 2, "fsync": 3}
 """The database and its WAL (no -shm: locking_mode=EXCLUSIVE), plus the flusher's own
 descriptor of the WAL with durability=fsync."""
 FDS_RESERVED = 256
+"""Descriptors kept for sockets, logs and worker threads."""
 LISTEN_BACKLOG = 4096
+GC_THRESHOLDS = (100_000, 50, 100)
+"""The cyclic collector's thresholds once serving (CPython's default is 700, 10, 10).
+Under load the default ran a young pass dozens of times a second, each promoting the
+requests in flight, which then piled into full passes over every open actor's objects
+(a fifth of a pass a second at 10,000 keys, each a stop of the loop). What a request
+allocates is freed by reference counts; the collector is only for cycles (tracebacks,
+cancelled tasks), and this still runs it every 100,000 net allocations."""
 _KEEP_OPEN: list[stdlib_socket.socket] = []
 """Listening sockets hypercorn uses by descriptor: they must outlive the server."""
-"""Descriptors kept for sockets, logs and worker threads."""
 
 
 class ServerInfo(msgspec.Struct, frozen=True):
@@ -336,6 +343,7 @@ async def _serve(
                     # process: keep it out of the cyclic collector's full passes, which
                     # otherwise stall the loop for tens of milliseconds under load.
                     gc.freeze()
+                    gc.set_threshold(*GC_THRESHOLDS)
                     task_status.started(info)
                 # the servers have finished their in-flight requests (forwarded ones
                 # too): now the watcher and the forwarding connections go
