@@ -33,16 +33,12 @@ from ._config import ActorConfig
 from ._connection import DAMAGED_SUFFIX, LSN_SET, META_GET
 from ._durability import DurabilityPolicy
 from ._errors import BadRequest, Error, NotFound
+from ._keys import shard_of_path
 
 log = logging.getLogger("shardlite.actor")
 
 QUIESCE_POLL_S = 0.001
 HASH_CHUNK = 1 << 20
-
-
-def shard_of_path(path: str) -> str:
-    """The shard directory of an actor file (``SHARD/xx/name.db``)."""
-    return os.path.dirname(os.path.dirname(path))
 
 
 def sha256_file(path: str) -> str:

@@ -90,6 +90,11 @@ def relpath_to_key(relpath: str) -> str | None:
     return out.decode("utf-8")
 
 
+def shard_of_path(path: str) -> str:
+    """The shard directory of an actor file (``SHARD/xx/name.db``)."""
+    return os.path.dirname(os.path.dirname(path))
+
+
 def resolve_actor_path(shard_dir: str, key: str) -> str:
     """The absolute actor file path for ``key``, checked to stay inside ``shard_dir``."""
     base = os.path.realpath(shard_dir)

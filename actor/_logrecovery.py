@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ import trio
 from ._actor import Actor
 from ._config import ActorConfig
 from ._errors import ActorDamaged, Error, Unavailable
+from ._keys import shard_of_path
 from ._recovery import RecoveryFailed, one_syncfs, replay_key, syncfs
 from ._shardlog import Record
 
@@ -62,7 +62,7 @@ class LogRecoveryMixin:
 
     def needs_replay(self, actor: Actor) -> bool:
         """Whether the actor's file must be brought up to the log before it is opened."""
-        shard = self.shards.get(shard_directory(actor))
+        shard = self.shards.get(shard_of_path(actor.path))
         return shard is not None and shard.replay_floor is not None and queued(shard, actor.key)
 
     async def replay_actor(self, actor: Actor) -> None:
@@ -172,11 +172,6 @@ class LogRecoveryMixin:
             self.recovered_alarms.setdefault(shard.directory, {}).update(alarms)
             self.on_recovered_alarms(shard.directory)
         return outcomes
-
-
-def shard_directory(actor: Actor) -> str:
-    """The shard directory of an actor file (``SHARD/xx/name.db``)."""
-    return os.path.dirname(os.path.dirname(actor.path))
 
 
 __all__ = ["RECOVERY_CHUNK", "LogRecoveryMixin", "queued"]

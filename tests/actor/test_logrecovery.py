@@ -183,7 +183,7 @@ async def test_a_detached_shard_holds_in_its_files_what_its_log_held(
 async def test_an_alarm_only_the_log_held_fires_without_a_call(tmp_path: Path) -> None:
     """The background recovery hands each file's next alarm to the scheduler: an alarm
     armed in a batch its file lacked, with the alarm index lost too, still fires."""
-    from .test_app import APP, call
+    from .test_app import APP, call, wait_for
 
     config = ActorConfig(
         log_batches_per_commit=64, log_checkpoint_interval_s=3600, call_timeout_s=5.0
@@ -198,8 +198,10 @@ async def test_an_alarm_only_the_log_held_fires_without_a_call(tmp_path: Path) -
     async with open_actor_pool(config, str(crashed), app=APP) as pool:
         assert pool.runtime is not None
         scheduler = pool.runtime.scheduler
-        with trio.fail_after(30):
-            while not scheduler.fired:  # no call opens the actor meanwhile
-                await trio.sleep(0.05)
+
+        async def fired() -> bool:  # no call opens the actor meanwhile
+            return scheduler.fired > 0
+
+        await wait_for(fired, timeout=30)
         assert [r[0] for r in await call(pool, "alarm-lazy", "fired")] == ["wake"]
         assert await call(pool, "alarm-lazy", "pending") == ["later"]

@@ -13,7 +13,8 @@ import http.client as http_client
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,6 +125,19 @@ def assert_error(
 
 def blob(data: bytes) -> dict[str, str]:
     return {"$blob": base64.b64encode(data).decode()}
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll ``check`` until it returns something true (returned), failing after
+    ``timeout`` seconds: a wait on a condition another process reaches."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
 
 
 def files_under(root: Path) -> set[str]:

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import trio
 
 import shardlite
+from tests.e2e.conftest import wait_until
 
 APP_SOURCE = textwrap.dedent(
     """
@@ -109,17 +109,6 @@ def app_server(tmp_path: Path, start_server: Any) -> Callable[..., Any]:
 
     start.side = side  # type: ignore[attr-defined]
     return start
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def test_calls_over_http_and_rpc(app_server: Any) -> None:

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import trio
 import shardlite
 from shardlite.actor import key_to_relpath
 from shardlite.actor._shardlog import RECORD_HEADER, SEGMENT_HEADER
+from tests.e2e.conftest import wait_until
 
 KEYS = [f"crash-{i}" for i in range(8)]
 WRITERS = 32
@@ -270,10 +270,7 @@ def test_a_restart_serves_while_recovery_runs_and_keeps_its_lease(start_server: 
         assert m, name
         return float(m.group(1))
 
-    deadline = time.monotonic() + 120
-    while metric("shardlite_log_recovering_actors") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert metric("shardlite_log_recovering_actors") == 0
+    wait_until(lambda: metric("shardlite_log_recovering_actors") == 0, timeout=120)
     assert metric("shardlite_log_recovered_actors_total") == len(keys)  # each lacked batches
     with shardlite.connect(again.rpc_url) as client:
         assert [client.actor(key).kv.get("k2") for key in keys[::100]] == [2] * 15
