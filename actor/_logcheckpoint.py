@@ -67,13 +67,25 @@ class LogCheckpointMixin:
     file_commit_failed: Callable[[Actor], None]
 
     async def _run_checkpointer(self, shard: _Shard) -> None:
-        """Keep the log bounded: make actor files durable, then trim what they cover."""
+        """Keep the log bounded: make actor files durable, then trim what they cover.
+
+        A full pass (every ``--log-checkpoint-interval``, or once the log reaches
+        ``--log-trim-bytes``) also commits the batches files hold in open transactions.
+        A pass run sooner because commits pile up in the page cache (below) only syncs
+        what the files have committed: committing every file's open transaction then
+        would add the very write-back burst that running sooner is there to avoid.
+        """
         poll = min(CHECKPOINT_POLL_S, self.config.log_checkpoint_interval_s / 2)
-        last = trio.current_time()
+        last = last_full = trio.current_time()
         while True:
             await trio.sleep(poll)
-            since = trio.current_time() - last
-            due = since >= self.config.log_checkpoint_interval_s
+            now = trio.current_time()
+            since = now - last
+            full = (
+                now - last_full >= self.config.log_checkpoint_interval_s
+                or shard.log.size_bytes() >= self.config.log_trim_bytes
+            )
+            due = False
             if self._syncfs_mode and len(shard.unsynced) >= SYNCFS_MIN:
                 # often while files commit: a syncfs's write-back is one burst that the
                 # log's own flushes queue behind (30 s of one-write commits at once held
@@ -85,21 +97,23 @@ class LogCheckpointMixin:
                 # interval or the log's size, and then commit once per file.
                 commits = shard.file_commits_since_syncfs
                 many = max(SYNCFS_MIN_WRITES, SYNCFS_WRITES_PER_FILE * len(shard.unsynced))
-                due = (
-                    due
-                    or (since >= SYNCFS_EVERY_S and commits >= SYNCFS_EVERY_COMMITS)
-                    or (since >= SYNCFS_SOONEST_S and commits >= many)
+                due = (since >= SYNCFS_EVERY_S and commits >= SYNCFS_EVERY_COMMITS) or (
+                    since >= SYNCFS_SOONEST_S and commits >= many
                 )
-            if not due and shard.log.size_bytes() < self.config.log_trim_bytes:
+            if not full and not due:
                 continue
             last = trio.current_time()
-            await self.checkpoint_shard(shard)
+            if full:
+                last_full = last
+            await self.checkpoint_shard(shard, commit_open=full)
 
-    async def checkpoint_shard(self, shard: _Shard) -> None:
-        """fsync every actor file with logged writes, then trim the log below them."""
+    async def checkpoint_shard(self, shard: _Shard, *, commit_open: bool = True) -> None:
+        """fsync every actor file with logged writes, then trim the log below them.
+        ``commit_open``: commit the files' open transactions first (else a file is made
+        durable up to its last commit, and its later batches stay in the log)."""
         # open and not in a worker thread, or closed without a sync (Actor.close_quick)
         targets = [a for a in shard.unsynced if a.state is State.OPEN or a.conn is None]
-        if self.config.log_batches_per_commit > 1:
+        if self.config.log_batches_per_commit > 1 and commit_open:
             await self._commit_files(targets)
         if len(targets) >= SYNCFS_MIN and self._syncfs_mode:
             # one syncfs instead of thousands of fdatasyncs: the disk does 1.5-3k flushes

@@ -13,7 +13,9 @@ from typing import Any
 
 import apsw
 import pytest
+import trio
 
+import shardlite.actor._logcheckpoint as logcheckpoint_module
 from shardlite.actor import (
     ActorConfig,
     Error,
@@ -81,6 +83,42 @@ async def test_batches_share_the_file_transaction_until_n_or_a_checkpoint(
         await pool.call("k", Sql("INSERT INTO t VALUES (6)"))
     # the close committed the last one
     assert _file_ids(path) == [1, 2, 3, 4, 5, 6]
+
+
+async def test_a_pass_run_sooner_for_piled_up_commits_commits_no_open_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpointer runs before ``--log-checkpoint-interval`` once actor-file commits
+    pile up in the page cache (an LRU closing files, files reaching N batches). Such a
+    pass syncs what files have committed and leaves their open transactions open:
+    committing every file then is the write-back burst that running sooner avoids. The
+    interval's pass commits them."""
+    monkeypatch.setattr(logcheckpoint_module, "CHECKPOINT_POLL_S", 0.01)
+    monkeypatch.setattr(logcheckpoint_module, "SYNCFS_MIN", 2)
+    monkeypatch.setattr(logcheckpoint_module, "SYNCFS_EVERY_S", 0.0)
+    monkeypatch.setattr(logcheckpoint_module, "SYNCFS_EVERY_COMMITS", 2)
+    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
+        durability = pool.durability
+        assert isinstance(durability, LogDurability)
+        if not durability._syncfs_mode:
+            pytest.skip("no syncfs(2) here: the checkpointer syncs file by file")
+        for key in ("idle", "busy"):
+            await pool.call(key, Sql("CREATE TABLE t(id INTEGER PRIMARY KEY)"))
+        await pool.call("idle", Sql("INSERT INTO t VALUES (1)"))  # 1 of 4: held open
+        for n in range(8):  # two file commits
+            await pool.call("busy", Sql("INSERT INTO t VALUES (?)", [n]))
+        idle, busy = pool._actors["idle"], pool._actors["busy"]
+        shard = durability.shards[str(tmp_path)]
+        with trio.fail_after(30):
+            while busy.file_lsn < busy.last_lsn:  # a pass synced its commits
+                await trio.sleep(0.01)
+        assert durability.statistics()["syncfs_calls"] >= 1
+        assert idle.txn_open and idle.committed_lsn < idle.last_lsn
+        assert _file_ids(resolve_actor_path(str(tmp_path), "idle")) == []
+        assert shard.unsynced[idle] <= idle.last_lsn  # the log keeps its record
+        await durability.checkpoint_shard(shard)  # the interval's pass
+        assert not idle.txn_open and idle not in shard.unsynced
+        assert _file_ids(resolve_actor_path(str(tmp_path), "idle")) == [1]
 
 
 async def test_recovery_applies_what_only_the_log_holds(tmp_path: Path) -> None:
