@@ -13,7 +13,6 @@ from typing import Any
 
 import apsw
 import pytest
-import trio
 
 import shardlite.actor._logcheckpoint as logcheckpoint_module
 from shardlite.actor import (
@@ -26,6 +25,7 @@ from shardlite.actor import (
 )
 from shardlite.actor._keys import resolve_actor_path
 
+from .test_app import wait_for
 from .test_batches import RUNAWAY_INSERT, run_batch
 from .test_shardlog import _DiskFullVFS
 
@@ -109,9 +109,11 @@ async def test_a_pass_run_sooner_for_piled_up_commits_commits_no_open_transactio
             await pool.call("busy", Sql("INSERT INTO t VALUES (?)", [n]))
         idle, busy = pool._actors["idle"], pool._actors["busy"]
         shard = durability.shards[str(tmp_path)]
-        with trio.fail_after(30):
-            while busy.file_lsn < busy.last_lsn:  # a pass synced its commits
-                await trio.sleep(0.01)
+
+        async def synced() -> bool:  # a pass synced the busy file's commits
+            return busy.file_lsn >= busy.last_lsn
+
+        await wait_for(synced, timeout=30)
         assert durability.statistics()["syncfs_calls"] >= 1
         assert idle.txn_open and idle.committed_lsn < idle.last_lsn
         assert _file_ids(resolve_actor_path(str(tmp_path), "idle")) == []
