@@ -94,7 +94,9 @@ async def test_a_pass_run_sooner_for_piled_up_commits_commits_no_open_transactio
     committing every file then is the write-back burst that running sooner avoids. The
     interval's pass commits them."""
     monkeypatch.setattr(logcheckpoint_module, "CHECKPOINT_POLL_S", 0.01)
-    monkeypatch.setattr(logcheckpoint_module, "SYNCFS_MIN", 2)
+    # no early pass while the writes run: one between the busy key's two file commits
+    # would reset the count below SYNCFS_EVERY_COMMITS for good (a slow CI machine did)
+    monkeypatch.setattr(logcheckpoint_module, "SYNCFS_MIN", 10**9)
     monkeypatch.setattr(logcheckpoint_module, "SYNCFS_EVERY_S", 0.0)
     monkeypatch.setattr(logcheckpoint_module, "SYNCFS_EVERY_COMMITS", 2)
     async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
@@ -109,6 +111,8 @@ async def test_a_pass_run_sooner_for_piled_up_commits_commits_no_open_transactio
             await pool.call("busy", Sql("INSERT INTO t VALUES (?)", [n]))
         idle, busy = pool._actors["idle"], pool._actors["busy"]
         shard = durability.shards[str(tmp_path)]
+        assert busy.committed_lsn == busy.last_lsn and durability.statistics()["syncfs_calls"] == 0
+        monkeypatch.setattr(logcheckpoint_module, "SYNCFS_MIN", 2)  # the two files: due now
 
         async def synced() -> bool:  # a pass synced the busy file's commits
             return busy.file_lsn >= busy.last_lsn
