@@ -35,6 +35,7 @@ from ._app import Actor as UserActor
 from ._config import ActorConfig, Durability
 from ._connection import META_GET, META_PUT
 from ._errors import BadRequest, Error, Internal, MethodError, Timeout, no_class_error
+from ._keys import shard_of_path
 from ._ops import (
     CallMethod,
     CallResult,
@@ -244,18 +245,18 @@ class AppRuntime:
             at = None  # no alarms table (a failed migration)
         finally:
             auth.trusted = False
-        directory = os.path.dirname(os.path.dirname(executor.path))
+        directory = shard_of_path(executor.path)
         self.scheduler.note(executor.key, directory, None if at is None else float(at))
 
     def deleted(self, key: str, path: str) -> None:
-        self.scheduler.note(key, os.path.dirname(os.path.dirname(path)), None)
+        self.scheduler.note(key, shard_of_path(path), None)
 
     def fire(self, key: str) -> None:
         """Submit a fire call for ``key`` (the scheduler's ``fire``)."""
         path = self.pool.path_of(key)
         if not os.path.exists(path):  # deleted (a crash kept its index entry): never create it
             self.scheduler.fired_ok(key)
-            self.scheduler.note(key, os.path.dirname(os.path.dirname(path)), None)
+            self.scheduler.note(key, shard_of_path(path), None)
             return
         self.pool.submit_nowait(key, [Call(FireAlarms(self._fire_sync), _FireSink(self, key))])
         self.pool.wake_runner()

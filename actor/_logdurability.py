@@ -34,6 +34,7 @@ import trio.lowlevel
 from ._actor import Actor, Call, deliver, sync_directory
 from ._config import ActorConfig
 from ._errors import ActorDamaged, Error, Internal, Unavailable
+from ._keys import shard_of_path
 from ._logcheckpoint import LogCheckpointMixin
 from ._logrecovery import LogRecoveryMixin, queued
 from ._ops import Result
@@ -206,7 +207,7 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
     def shard_of(self, actor: Actor) -> _Shard:
         shard: _Shard | None = actor.log_shard
         if shard is None:  # once per open actor: a shard stays attached while it has any
-            directory = os.path.dirname(os.path.dirname(actor.path))
+            directory = shard_of_path(actor.path)
             shard = self.shards.get(directory)
             if shard is None:
                 raise Internal(f"shard {directory} is not attached to this server")
@@ -374,7 +375,7 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
 
     def replaced(self, actor: Actor) -> None:
         """The actor's file was deleted or replaced whole: no record describes that."""
-        shard = self.shards.get(os.path.dirname(os.path.dirname(actor.path)))
+        shard = self.shards.get(shard_of_path(actor.path))
         if shard is not None and shard.shipping is not None:
             shard.shipping[actor.key] = None
 
@@ -417,7 +418,7 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
         close): release what waited on it and let the log be trimmed past it."""
         shard = actor.log_shard
         if shard is None or self.shards.get(shard.directory) is not shard:
-            shard = self.shards.get(os.path.dirname(os.path.dirname(actor.path)))
+            shard = self.shards.get(shard_of_path(actor.path))
         self._file_durable(shard, actor, lsn)
         if shard is not None:
             self._release(actor, shard.flushed_lsn)
