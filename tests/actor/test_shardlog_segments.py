@@ -81,6 +81,46 @@ def test_a_torn_record_in_a_zero_filled_segment_ends_it_and_is_ignored(tmp_path:
     again.close()
 
 
+def test_a_record_cut_at_any_byte_is_ignored_and_the_records_before_it_are_read(
+    tmp_path: Path,
+) -> None:
+    """A crash can end a segment anywhere in its last record (appended, not zero-filled):
+    the records before it are read, the cut one is torn, unless all that is left of it
+    is zeros (the high bytes of its length), which read as the clean end they look like."""
+    original = tmp_path / "original"
+    log = ShardLog(str(original), SEGMENT)
+    log.open()
+    sent = [_write(log, "k", bytes([i]) * 40) for i in range(3)]
+    ((_, segment),) = log.segments
+    log.close()
+    third = SEGMENT_HEADER.size + len(sent[0]) + len(sent[1])
+    name = os.path.basename(segment)
+    for cut in range(1, len(sent[2])):
+        copy = tmp_path / f"cut-{cut}"
+        shutil.copytree(original, copy)
+        os.truncate(copy / name, third + cut)
+        again, payloads, torn = _reopen(copy)
+        again.close()
+        assert payloads == {"k": [bytes([0]) * 40, bytes([1]) * 40]}, cut
+        assert torn == (0 if not any(sent[2][:cut]) else 1), cut
+    # a record too short to hold its key's length, checksum and all: corrupt, not a crash
+    body = b"\0"
+    lsn = 3 << shardlog_module.SEQ_BITS
+    checked = struct.pack(">QBQ", lsn, shardlog_module.TYPE_ROWS, 0)
+    header = RECORD_HEADER.pack(
+        len(body), zlib.crc32(body, zlib.crc32(checked)), lsn, shardlog_module.TYPE_ROWS, 0, 0, 0
+    )
+    copy = tmp_path / "short"
+    shutil.copytree(original, copy)
+    os.truncate(copy / name, third)
+    with open(copy / name, "ab") as f:
+        f.write(header + body)
+    again, payloads, torn = _reopen(copy)
+    again.close()
+    assert payloads == {"k": [bytes([0]) * 40, bytes([1]) * 40]}
+    assert torn == 1
+
+
 def test_the_spare_becomes_the_next_segment_and_nothing_is_left_of_it(tmp_path: Path) -> None:
     log = ShardLog(str(tmp_path), SEGMENT, init_zero=True)
     log.open()
