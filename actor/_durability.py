@@ -39,9 +39,6 @@ class DurabilityPolicy(Protocol):
     """What the actor and the pool ask of a durability mode (the seam of the shard log)."""
 
     on_released: Callable[[Actor], None]
-    on_returned: Callable[[Actor], None]
-    """The policy held the actor (State.BUSY) for work of its own in a worker thread, and
-    has set it OPEN again: the pool runs what queued for it meanwhile."""
     recovered_alarms: dict[str, dict[str, float | None]]
     """Per shard attached: next alarm times recovery found in the files it opened."""
     on_recovered_alarms: Callable[[str], None]
@@ -133,7 +130,6 @@ class _PerFileDurability:
     def __init__(self, config: ActorConfig) -> None:
         self.config = config
         self.on_released: Callable[[Actor], None] = lambda actor: None
-        self.on_returned: Callable[[Actor], None] = lambda actor: None
         self.recovered_alarms: dict[str, dict[str, float | None]] = {}
         self.on_recovered_alarms: Callable[[str], None] = lambda directory: None
 

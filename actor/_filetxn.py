@@ -148,12 +148,10 @@ class FileTxn:
 
     # ------------------------------------------------------------------ the file's commit
 
-    def commit_file(self, *, report: bool = True) -> None:
+    def commit_file(self) -> None:
         """COMMIT the file's open transaction, the LSN of its last batch with it. Inline
         or in a worker thread (whoever holds the actor). Raises apsw.Error on failure:
-        the records stay kept (and go back in first if SQLite dropped the transaction).
-        ``report``: tell the durability policy (on the loop only; a worker thread's
-        caller reports it there)."""
+        the records stay kept (and go back in first if SQLite dropped the transaction)."""
         conn = self.conn
         if not self.txn_open or conn is None:
             return
@@ -173,8 +171,7 @@ class FileTxn:
         self.txn_batches = 0
         self.txn_records.clear()
         self.committed_lsn = self.last_lsn
-        if report:
-            self.durability.file_committed(self._me)  # write-back for the next syncfs
+        self.durability.file_committed(self._me)  # write-back for the next syncfs
 
     def _reapply(self) -> None:
         """Inside a new transaction: apply the kept records again (as recovery does)."""

@@ -29,9 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardlite.actor")
 
 CHECKPOINT_POLL_S = 0.25
-COMMIT_SLICE = 64
-"""Actor files the checkpointer commits (log_batches_per_commit) per worker-thread call:
-those actors are held (State.BUSY) for that call, their calls queued meanwhile."""
+COMMIT_SLICE = 100
+"""Actor files the checkpointer commits (log_batches_per_commit) between two yields."""
 DURABLE_SLICE = 1000
 """Files whose syncfs bookkeeping runs between two yields to the loop."""
 SYNCFS_MIN = 16
@@ -58,7 +57,6 @@ class LogCheckpointMixin:
     config: ActorConfig
     shards: dict[str, _Shard]
     before_trim: Callable[[str], None] | None
-    on_returned: Callable[[Actor], None]
     _syncfs_mode: bool
     _sync: Callable[[Actor], None]
 
@@ -67,7 +65,6 @@ class LogCheckpointMixin:
     _file_durable: Callable[[_Shard, Actor, int], None]
     _release: Callable[[Actor, int], None]
     file_commit_failed: Callable[[Actor], None]
-    file_committed: Callable[[Actor], None]
 
     async def _run_checkpointer(self, shard: _Shard) -> None:
         """Keep the log bounded: make actor files durable, then trim what they cover.
@@ -157,40 +154,17 @@ class LogCheckpointMixin:
         shard.trimmed_segments += await trio.to_thread.run_sync(shard.log.trim, below)
 
     async def _commit_files(self, targets: list[Actor]) -> None:
-        """Commit the open transactions of ``targets`` (:mod:`._filetxn`) in worker
-        threads, a slice at a time: the syncfs that follows then covers their batches.
-
-        Off the loop: each COMMIT writes its file's WAL frames, and with thousands of
-        files the kernel's write-back blocks those writes for seconds in all, time the
-        loop serves every other actor in. An actor is held (State.BUSY, as for its own
-        checkpoint) only for its slice's call, and only if nothing else holds it then:
-        one in a worker thread already keeps its transaction for the next pass or its
-        own N-th batch. Calls for a held actor queue and run once it is handed back
-        (``on_returned``)."""
-        for start in range(0, len(targets), COMMIT_SLICE):
-            await trio.lowlevel.checkpoint_if_cancelled()  # a detach: not between holds
-            held = [
-                a
-                for a in targets[start : start + COMMIT_SLICE]
-                if a.txn_open and a.conn is not None and a.state is State.OPEN
-            ]
-            if not held:
-                continue
-            for actor in held:
-                actor.state = State.BUSY
-            failures: list[apsw.Error | None] | None = None
-            with trio.CancelScope(shield=True):  # the actors must be handed back
+        """Commit the open transactions of ``targets`` (:mod:`._filetxn`), inline, in
+        slices: the syncfs that follows then covers their batches."""
+        for n, actor in enumerate(targets):
+            if n % COMMIT_SLICE == COMMIT_SLICE - 1:
+                await trio.lowlevel.checkpoint()
+            if actor.txn_open and actor.conn is not None and not actor.busy:
                 try:
-                    failures = await trio.to_thread.run_sync(_commit_held, held)
-                finally:
-                    for n, actor in enumerate(held):
-                        actor.state = State.OPEN
-                        if failures is not None and failures[n] is None:
-                            self.file_committed(actor)
-                        elif failures is not None:  # kept: the next pass or the close retries
-                            log.warning("actor %r: file commit failed: %s", actor.key, failures[n])
-                            self.file_commit_failed(actor)
-                        self.on_returned(actor)
+                    actor.commit_file()
+                except apsw.Error as exc:  # kept: the next pass, or the close, tries again
+                    log.warning("actor %r: file commit failed: %s", actor.key, exc)
+                    self.file_commit_failed(actor)
 
     async def _files_durable(self, shard: _Shard, targets: list[Actor], lsns: list[int]) -> None:
         """:meth:`file_durable` for every file a syncfs covered, in slices between which
@@ -230,16 +204,3 @@ class LogCheckpointMixin:
                 self._sync(actor)
             done.append((actor, lsn))
         return done
-
-
-def _commit_held(actors: list[Actor]) -> list[apsw.Error | None]:
-    """Worker thread: commit each actor's file transaction; its error, if it failed."""
-    failures: list[apsw.Error | None] = []
-    for actor in actors:
-        try:
-            actor.commit_file(report=False)
-        except apsw.Error as exc:
-            failures.append(exc)
-        else:
-            failures.append(None)
-    return failures

@@ -118,8 +118,6 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
         self._syncfs_mode = sync is sync_wal and HAVE_SYNCFS
         self.shards: dict[str, _Shard] = {}
         self.on_released: Callable[[Actor], None] = lambda actor: None
-        self.on_returned: Callable[[Actor], None] = lambda actor: None
-        """Called on the loop for an actor the checkpointer held (``_commit_files``)."""
         self._nursery: trio.Nursery | None = None
         self.recovered_records = 0
         self.recovered_actors = 0

@@ -79,7 +79,6 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
         self._locate = locate
         self.durability = durability if durability is not None else make_durability(config)
         self.durability.on_released = self._on_released
-        self.durability.on_returned = self._returned
         self.durability.on_recovered_alarms = self._recovered_alarms
         self._actors: OrderedDict[str, Actor] = OrderedDict()
         self._tracked: dict[str, set[str]] = {}  # shard directory -> keys written (moves)
@@ -387,11 +386,6 @@ class ActorPool(ResidencyMixin, ExclusiveMixin, HandoffMixin):
                 log.exception("actor %r: checkpoint failed", actor.key)
         actor.state = State.OPEN
         actor.want_checkpoint = False
-        self._after_busy(actor)
-
-    def _returned(self, actor: Actor) -> None:
-        """The durability policy is done with an actor it held (State.BUSY)."""
-        self._maybe_maintain(actor)
         self._after_busy(actor)
 
     def _after_busy(self, actor: Actor) -> None:

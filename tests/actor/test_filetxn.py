@@ -8,13 +8,11 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Any
 
 import apsw
 import pytest
-import trio
 
 import shardlite.actor._logcheckpoint as logcheckpoint_module
 from shardlite.actor import (
@@ -22,7 +20,6 @@ from shardlite.actor import (
     Error,
     LogDurability,
     Sql,
-    State,
     Timeout,
     open_actor_pool,
 )
@@ -128,55 +125,6 @@ async def test_a_pass_run_sooner_for_piled_up_commits_commits_no_open_transactio
         await durability.checkpoint_shard(shard)  # the interval's pass
         assert not idle.txn_open and idle not in shard.unsynced
         assert _file_ids(resolve_actor_path(str(tmp_path), "idle")) == [1]
-
-
-async def test_a_checkpoint_commits_files_off_the_loop_and_their_calls_wait_for_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The checkpointer's commits of open file transactions run in a worker thread (with
-    thousands of files the kernel's write-back holds them for seconds): the loop serves
-    other keys meanwhile, and a call to a file being committed waits, then runs."""
-    entered, gate = threading.Event(), threading.Event()
-    real = logcheckpoint_module._commit_held
-
-    def held_commit(actors: list[Any]) -> list[Any]:
-        entered.set()
-        gate.wait(30)  # until the test has served the other key
-        return real(actors)
-
-    monkeypatch.setattr(logcheckpoint_module, "_commit_held", held_commit)
-    async with open_actor_pool(CONFIG, str(tmp_path)) as pool:
-        durability = pool.durability
-        assert isinstance(durability, LogDurability)
-        for key in ("held", "free"):
-            await pool.call(key, Sql("CREATE TABLE t(id INTEGER PRIMARY KEY)"))
-        await pool.call("held", Sql("INSERT INTO t VALUES (1)"))  # 1 of 4: held open
-        held = pool._actors["held"]
-        shard = durability.shards[str(tmp_path)]
-        answers: list[list[int]] = []
-
-        async def read_held() -> None:
-            answers.append(await _ids(pool, "held"))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(durability.checkpoint_shard, shard)
-            try:
-                assert await trio.to_thread.run_sync(entered.wait, 30)
-                assert held.state is State.BUSY and held.txn_open  # in the thread's hands
-                await pool.call("free", Sql("INSERT INTO t VALUES (7)"))  # the loop serves
-                assert await _ids(pool, "free") == [7]
-                nursery.start_soon(read_held)
-
-                async def queued() -> bool:
-                    return bool(held.mailbox)
-
-                await wait_for(queued)
-                assert answers == []  # it waits for the commit
-            finally:
-                gate.set()
-        assert answers == [[1]]
-        assert held.state is State.OPEN and held.committed_lsn == held.last_lsn
-        assert _file_ids(resolve_actor_path(str(tmp_path), "held")) == [1]
 
 
 async def test_recovery_applies_what_only_the_log_holds(tmp_path: Path) -> None:
