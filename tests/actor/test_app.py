@@ -6,7 +6,7 @@ Every test runs a real pool on real files, in each durability mode where it matt
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from shardlite.actor import (
     WorkflowList,
     open_actor_pool,
 )
+
+from .waiting import wait_until
 
 CALLS: list[str] = []  # side effects the tests count (reset per test)
 
@@ -290,17 +292,6 @@ async def test_no_class_for_key(tmp_path: Path) -> None:
             await call(pool, "k", "hit")
 
 
-async def wait_for(check: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await trio.sleep(0.05)
-
-
 @pytest.mark.parametrize("durability", list(Durability))
 async def test_alarms_fire_retry_and_survive_restarts(
     tmp_path: Path, durability: Durability
@@ -316,7 +307,7 @@ async def test_alarms_fire_retry_and_survive_restarts(
             rows = await call(pool, "alarm-1", "fired")
             return rows if {r[0] for r in rows} >= {"soon", "flaky"} else None
 
-        rows = await wait_for(fired)
+        rows = await wait_until(fired)
         assert ["soon", "{'x': 1}"] in rows  # the payload came back as a value
         names = [r[0] for r in rows]
         assert "gone" not in names and "flaky-try" not in names
@@ -328,7 +319,7 @@ async def test_alarms_fire_retry_and_survive_restarts(
         async def fired2() -> Any:
             return await call(pool, "alarm-2", "fired")
 
-        await wait_for(fired2)
+        await wait_until(fired2)
         assert await call(pool, "alarm-1", "pending") == ["later"]
 
 
@@ -340,13 +331,13 @@ async def test_alarm_wakes_a_closed_actor(tmp_path: Path) -> None:
         async def closed() -> bool:
             return bool(pool.statistics()["actors_open"] == 0)
 
-        await wait_for(closed)  # passivated before the alarm is due
+        await wait_until(closed)  # passivated before the alarm is due
         opened = pool.statistics()["opened"]
 
         async def reopened() -> bool:  # by the scheduler: nobody calls the actor meanwhile
             return bool(pool.statistics()["opened"] > opened)
 
-        await wait_for(reopened)
+        await wait_until(reopened)
         assert [r[0] for r in await call(pool, "alarm-3", "fired")] == ["wake"]
 
 
@@ -359,7 +350,7 @@ async def test_async_alarm_handlers_run_in_a_transaction(tmp_path: Path) -> None
             rows = await call(pool, "async-alarm-1", "fired")
             return rows if rows else None
 
-        assert await wait_for(fired) == [["good", "7"]]  # bad's insert was rolled back
+        assert await wait_until(fired) == [["good", "7"]]  # bad's insert was rolled back
         assert await call(pool, "async-alarm-1", "pending") == ["bad"]  # and it backs off
 
 
@@ -384,7 +375,7 @@ async def test_workflow_runs_steps_once_and_reports(tmp_path: Path) -> None:
             info = await pool.call("flow-1", WorkflowGet("o-1"))
             return info if info.status in ("completed", "failed") else None
 
-        info = await wait_for(done)
+        info = await wait_until(done)
         assert info.status == "completed", info
         assert info.result == 20 + len("receipt-1") + 3
         assert [s.name for s in info.steps] == ["reserve", "charge", "sleep", "flaky"]
@@ -400,6 +391,6 @@ async def test_workflow_runs_steps_once_and_reports(tmp_path: Path) -> None:
             got = await pool.call("flow-1", WorkflowGet("d-1"))
             return got if got.status == "failed" else None
 
-        doomed = await wait_for(failed)
+        doomed = await wait_until(failed)
         assert "never works" in (doomed.error or "")
         assert doomed.steps[0].attempts == 2

@@ -25,9 +25,9 @@ from shardlite.actor import (
 )
 from shardlite.actor._keys import resolve_actor_path
 
-from .test_app import wait_for
 from .test_batches import RUNAWAY_INSERT, run_batch
 from .test_shardlog import _DiskFullVFS
+from .waiting import wait_until
 
 CONFIG = ActorConfig(log_batches_per_commit=4, log_checkpoint_interval_s=3600)
 
@@ -117,7 +117,7 @@ async def test_a_pass_run_sooner_for_piled_up_commits_commits_no_open_transactio
         async def synced() -> bool:  # a pass synced the busy file's commits
             return busy.file_lsn >= busy.last_lsn
 
-        await wait_for(synced, timeout=30)
+        await wait_until(synced, timeout=30)
         assert durability.statistics()["syncfs_calls"] >= 1
         assert idle.txn_open and idle.committed_lsn < idle.last_lsn
         assert _file_ids(resolve_actor_path(str(tmp_path), "idle")) == []

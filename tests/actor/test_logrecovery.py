@@ -21,6 +21,8 @@ from shardlite.actor import ActorConfig, LogDurability, Sql, Unavailable, open_a
 from shardlite.actor._logrecovery import LogRecoveryMixin
 from shardlite.actor._recovery import RecoveryFailed
 
+from .waiting import wait_until
+
 CONFIG = ActorConfig(
     log_batches_per_commit=64, log_checkpoint_interval_s=3600, log_segment_bytes=4096
 )
@@ -183,7 +185,7 @@ async def test_a_detached_shard_holds_in_its_files_what_its_log_held(
 async def test_an_alarm_only_the_log_held_fires_without_a_call(tmp_path: Path) -> None:
     """The background recovery hands each file's next alarm to the scheduler: an alarm
     armed in a batch its file lacked, with the alarm index lost too, still fires."""
-    from .test_app import APP, call, wait_for
+    from .test_app import APP, call
 
     config = ActorConfig(
         log_batches_per_commit=64, log_checkpoint_interval_s=3600, call_timeout_s=5.0
@@ -202,6 +204,6 @@ async def test_an_alarm_only_the_log_held_fires_without_a_call(tmp_path: Path) -
         async def fired() -> bool:  # no call opens the actor meanwhile
             return scheduler.fired > 0
 
-        await wait_for(fired, timeout=30)
+        await wait_until(fired, timeout=30)
         assert [r[0] for r in await call(pool, "alarm-lazy", "fired")] == ["wake"]
         assert await call(pool, "alarm-lazy", "pending") == ["later"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +28,7 @@ from shardlite.actor import (
 )
 from shardlite.actor import _actor as actor_module
 
-
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    """Poll a condition that background threads make true (bounded, no fixed sleeps).
-
-    Bounded in wall-clock time: under an autojump clock, virtual time flies past any
-    bound while a worker thread is still busy on a loaded machine.
-    """
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "the condition did not come true in time"
-        await trio.sleep(0.005)
+from .waiting import wait_until
 
 
 @pytest.fixture

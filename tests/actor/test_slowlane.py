@@ -18,6 +18,7 @@ from shardlite.actor import (
 )
 
 from .test_batches import run_batch
+from .waiting import wait_until
 
 RUNAWAY = "WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r"
 SLOW_COUNT = (
@@ -29,12 +30,6 @@ BIG_SORT = (
     "SELECT count(*) FROM (SELECT randomblob(1000) AS b FROM r ORDER BY b)"
 )
 SMALL_SORT = BIG_SORT.replace("20000", "500")
-
-
-async def wait_for(pred: Any) -> None:
-    with trio.fail_after(10):
-        while not pred():
-            await trio.sleep(0.001)
 
 
 async def test_a_long_read_leaves_the_loop_and_other_actors_keep_being_served(
@@ -53,7 +48,7 @@ async def test_a_long_read_leaves_the_loop_and_other_actors_keep_being_served(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hog)
-            await wait_for(lambda: pool.slow_calls == 1)
+            await wait_until(lambda: pool.slow_calls == 1)
             for i in range(20):  # served while the runaway runs in the slow lane
                 await pool.call("victim", Sql("INSERT INTO t VALUES (?)", [i]))
             rows = await pool.call("victim", Sql("SELECT count(*) FROM t"))
