@@ -10,8 +10,10 @@ from typing import Any
 
 import trio
 
+POLL_S = 0.005
 
-async def wait_until(check: Callable[[], Any], timeout: float = 15.0, poll: float = 0.005) -> Any:
+
+async def wait_until(check: Callable[[], Any], timeout: float = 15.0) -> Any:
     """Poll ``check`` (a plain or an async function) until it returns something true, and
     return that; fail after ``timeout`` seconds.
 
@@ -26,4 +28,4 @@ async def wait_until(check: Callable[[], Any], timeout: float = 15.0, poll: floa
             return value
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
-        await trio.sleep(poll)
+        await trio.sleep(POLL_S)
