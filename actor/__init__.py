@@ -51,6 +51,7 @@ from ._keys import (
     validate_key,
 )
 from ._logdurability import LogDurability
+from ._logrecovery import EVERY_KEY
 from ._ops import (
     Batch,
     BatchResult,
@@ -86,6 +87,7 @@ from ._workflow import Workflow
 __all__ = [
     "DAMAGED_SUFFIX",
     "ERRORS_BY_CODE",
+    "EVERY_KEY",
     "MAX_KEY_BYTES",
     "Actor",
     "ActorBase",

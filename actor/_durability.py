@@ -56,8 +56,9 @@ class DurabilityPolicy(Protocol):
     async def wait_recovered(self, directory: str | None = None) -> None:
         """Until the shard's files (every shard's) hold what its log held at attach."""
 
-    async def detach_shard(self, directory: str) -> None:
-        """The shard stopped serving here; every actor of it is closed."""
+    async def detach_shard(self, directory: str) -> list[str]:
+        """The shard stopped serving here; every actor of it is closed. Returns the keys
+        whose files may lack writes only the shard's log holds (an I/O error)."""
 
     def log_epoch(self, directory: str) -> int:
         """The shard log's epoch (0: none): a copy of the shard starts its log above it."""
@@ -139,8 +140,8 @@ class _PerFileDurability:
             drain_shard_log, directory, self.config
         )
 
-    async def detach_shard(self, directory: str) -> None:
-        pass  # no log: each closed actor's file holds everything already
+    async def detach_shard(self, directory: str) -> list[str]:
+        return []  # no log: each closed actor's file holds everything already
 
     def needs_replay(self, actor: Actor) -> bool:
         return False  # attach_shard applied all its log held before the shard served

@@ -289,9 +289,11 @@ class HandoffMixin:
                 await trio.sleep(QUIESCE_POLL_S)
         return False
 
-    async def detach_shard(self, directory: str) -> None:
+    async def detach_shard(self, directory: str) -> list[str]:
         """Stop serving a shard that no calls reach any more: close every actor of it
-        (checkpointed: each file then holds all its writes), drop its log and alarms."""
+        (checkpointed: each file then holds all its writes), drop its log and alarms.
+        Returns the keys whose files an I/O error left lacking writes the shard's log
+        holds (``durability=log``; ``EVERY_KEY``: any key); the log keeps them."""
         self.untrack_writes(directory)
         await self.quiesce(directory, timeout_s=30.0)
         actors = [a for a in self._actors.values() if shard_of_path(a.path) == directory]
@@ -305,9 +307,10 @@ class HandoffMixin:
             if actor.mailbox or actor.pending:
                 log.error("actor %r: calls left while detaching its shard", actor.key)
             self._forget(actor)
-        await self.durability.detach_shard(directory)
+        left = await self.durability.detach_shard(directory)
         if self.runtime is not None:
             self.runtime.scheduler.detach(directory)
+        return left
 
 
 async def copy_to(into: str, actor: Actor) -> str:

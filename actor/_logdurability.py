@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,7 @@ from ._config import ActorConfig
 from ._errors import ActorDamaged, Error, Internal, Unavailable
 from ._keys import shard_of_path
 from ._logcheckpoint import LogCheckpointMixin
-from ._logrecovery import LogRecoveryMixin, queued
+from ._logrecovery import EVERY_KEY, LogRecoveryMixin, queued
 from ._ops import Result
 from ._recovery import HAVE_SYNCFS
 from ._shardlog import LOG_DIR, LogCorrupt, Record, ShardLog, encode_record, read_log_epoch
@@ -120,6 +121,7 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
         self.on_released: Callable[[Actor], None] = lambda actor: None
         self._nursery: trio.Nursery | None = None
         self.recovered_records = 0
+        self.log_read_s = 0.0  # reading the logs of attached shards (their records)
         self.recovered_actors = 0
         self.damaged_actors = 0  # found by recovery, marked now or before
         self.file_commit_failures = 0
@@ -149,7 +151,9 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
             self.config.log_segment_bytes,
             init_zero=self.config.log_init_zero,
         )
+        began = time.perf_counter()
         recovered = await trio.to_thread.run_sync(shard_log.open)
+        self.log_read_s += time.perf_counter() - began
         self.recovered_records += recovered.count
         for torn in recovered.torn_segments:
             log.info(
@@ -185,20 +189,30 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
                 nursery.start_soon(self._run_spare_maker, shard)
                 nursery.start_soon(self._run_recovery, shard)
 
-    async def detach_shard(self, directory: str) -> None:
+    async def detach_shard(self, directory: str) -> list[str]:
         """The shard no longer serves here and every actor of it is closed (so its files
-        hold all its writes): stop its flusher and checkpointer, close its log."""
+        hold all its writes): stop its flusher and checkpointer, close its log. Returns
+        the keys whose files may still lack, or hold only in the page cache, records the
+        log holds (``EVERY_KEY``: any of them): an I/O error kept them from being written
+        or synced. The log is kept, so the shard's next attach brings them up; a split
+        must not carry such a shard's files away from it."""
         shard = self.shards.pop(directory, None)
         if shard is None:
-            return
+            return []
         if shard.buffer or shard.waiting:
             log.error("shard %s detached with %d records unflushed", directory, len(shard.buffer))
         with trio.CancelScope(shield=True):
-            await self._recover(shard, retry=False)  # its files must hold what its log holds
-            await self.sync_closed_files(shard)
+            left = await self._recover(shard, retry=False)  # its files must hold its log
+            left += list(shard.unapplied)  # closed with batches their files lack
+            try:
+                await self.sync_closed_files(shard)
+            except OSError as exc:
+                log.error("shard %s: syncing the closed files failed: %s", directory, exc)
+                left.append(EVERY_KEY)
             async with shard.limiter:  # not while the flusher writes
                 shard.scope.cancel()
                 shard.log.close()
+        return left
 
     def log_epoch(self, directory: str) -> int:
         shard = self.shards.get(directory)
@@ -561,6 +575,7 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
             "unsynced_actors": sum(len(s.unsynced) for s in shards),
             "log_bytes": sum(s.log.size_bytes() for s in shards),
             "recovered_records": self.recovered_records,
+            "log_read_s": self.log_read_s,
             "recovered_actors": self.recovered_actors,
             "recovering_actors": sum(len(s.to_replay) + len(s.replaying) for s in shards),
             "damaged_actors": self.damaged_actors,

@@ -38,6 +38,9 @@ RECOVERY_CHUNK = 32
 RECOVERY_RETRY_S = 5.0
 """After a recovery chunk whose every key failed with an I/O error, wait this long."""
 
+EVERY_KEY = "*"
+"""In what a detached shard's recovery left: every key (its files' sync failed)."""
+
 Outcome = int | Error | RecoveryFailed
 """Of bringing one key up: 1 or 0 (its file lacked records or not), its error
 (ActorDamaged: marked), or RecoveryFailed (I/O: to be tried again)."""
@@ -103,12 +106,15 @@ class LogRecoveryMixin:
             trio.current_time() - started,
         )
 
-    async def _recover(self, shard: _Shard, *, retry: bool) -> None:
+    async def _recover(self, shard: _Shard, *, retry: bool) -> list[str]:
         """Bring every file still lacking records up to the log, a chunk of keys per
         worker-thread call, then make them durable and let the log be trimmed. A key
         whose file could not be written (I/O) is tried again, after RECOVERY_RETRY_S if
         its whole chunk failed; its opens answer 503 meanwhile. Without ``retry`` (a
-        shard being detached) it is left in the log, which the next attach reads."""
+        shard being detached) it is left in the log, which the next attach reads, and
+        returned: the keys whose files still lack records of the log (``EVERY_KEY`` if
+        the sync that makes the brought-up files durable failed)."""
+        left: list[str] = []
         while shard.to_replay or shard.replaying:
             if not shard.to_replay:
                 await next(iter(shard.replaying.values())).wait()  # an open's replay
@@ -116,11 +122,15 @@ class LogRecoveryMixin:
             keys = list(itertools.islice(shard.to_replay, RECOVERY_CHUNK))
             chunk = [(key, shard.to_replay.pop(key)) for key in keys]
             outcomes = await self._replay(shard, chunk, keep_failed=retry)
-            failed = sum(isinstance(o, RecoveryFailed) for o in outcomes)
-            if retry and failed == len(chunk):
+            failed = [
+                k for k, o in zip(keys, outcomes, strict=True) if isinstance(o, RecoveryFailed)
+            ]
+            if retry and len(failed) == len(chunk):
                 await trio.sleep(RECOVERY_RETRY_S)
+            elif not retry:
+                left += failed
         if shard.replay_floor is None:
-            return  # another caller finished it
+            return left  # another caller finished it
         if one_syncfs(self.config):
             while True:
                 try:
@@ -128,9 +138,12 @@ class LogRecoveryMixin:
                     break
                 except OSError as exc:  # nothing is known durable: the log stays whole
                     log.error("shard %s: syncfs after recovery failed: %s", shard.directory, exc)
+                    if not retry:
+                        return [EVERY_KEY]
                     await trio.sleep(RECOVERY_RETRY_S)
         shard.replay_floor = None
         shard.recovered.set()
+        return left
 
     async def _replay(
         self, shard: _Shard, chunk: list[tuple[str, list[Record]]], *, keep_failed: bool
@@ -174,4 +187,4 @@ class LogRecoveryMixin:
         return outcomes
 
 
-__all__ = ["RECOVERY_CHUNK", "LogRecoveryMixin", "queued"]
+__all__ = ["EVERY_KEY", "RECOVERY_CHUNK", "LogRecoveryMixin", "queued"]

@@ -98,6 +98,9 @@ def _shardlite_run(data: str, keys: int, seconds: float) -> dict[str, Any]:
         "recovered_s": recovered_s,
         "first_ms": statistics.median(first_ms),
         "records": m["shardlite_log_recovered_records_total"],
+        "read_us": 1e6
+        * m["shardlite_log_read_seconds_total"]
+        / max(1.0, m["shardlite_log_recovered_records_total"]),
         "replayed": int(m["shardlite_log_recovered_actors_total"]),
     }
 
@@ -197,6 +200,7 @@ def _report(
             [
                 f"{keys:,}",
                 fmt(stat([r["records"] for r in runs])),
+                fmt(stat([r["read_us"] for r in runs])),
                 f"{max(r['replayed'] for r in runs):,}",
                 fmt(clean),
                 fmt(crash),
@@ -211,6 +215,7 @@ def _report(
         [
             "keys",
             "log records at the kill",
+            "reading the log, µs a record",
             "files that lacked writes (most in a run)",
             "clean start, s",
             "serving after kill -9, s",
@@ -237,7 +242,9 @@ def _report(
         "read off `shardlite_log_recovering_actors` in /metrics. A key called before its turn "
         f"is brought up first: the first-call column is the median of {FIRST_CALLS} reads over "
         "HTTP of keys spread over the key space, one after the other, right after the ready "
-        "line. The log keeps its active segment (`--log-segment-bytes`, 16 MiB) and the "
+        "line. Reading the log: the restart's time in `ShardLog.open` (all shards, in worker "
+        "threads, before serving; `shardlite_log_read_seconds_total`) over the records read. "
+        "The log keeps its active segment (`--log-segment-bytes`, 16 MiB) and the "
         "segments not yet covered by the checkpointer's sync of the files. "
         f"PostgreSQL: pgbench, {PG_CLIENTS} clients, one insert per transaction into a fresh "
         f"cluster for {seconds:g} s, then SIGKILL to every process of the cluster, and "

@@ -256,7 +256,15 @@ class Admin:
         # first let the requests the fence held go through to the new owner: closing
         # thousands of actors keeps this loop busy for a while
         await trio.sleep(DETACH_DELAY_S)
-        await self.pool.detach_shard(directory)
+        if left := await self.pool.detach_shard(directory):
+            # the new owner's copies were made through each actor (its file brought up
+            # first), so this only keeps the retired log worth a look
+            log.error(
+                "%s: detached with %d actor files behind its log (an I/O error); the "
+                "retired directory keeps that log",
+                shard,
+                len(left),
+            )
         self.pool.resume_alarms(directory)
         await self._retire(shard)
 

@@ -215,6 +215,12 @@ class _PoolCollector(Collector):
                     dur["recovered_records"],
                 ),
                 (
+                    "shardlite_log_read_seconds",
+                    "Seconds spent reading the shard logs of attached shards (before they "
+                    "serve; the records counted by shardlite_log_recovered_records_total).",
+                    dur["log_read_s"],
+                ),
+                (
                     "shardlite_log_recovered_actors",
                     "Actor files recovery brought up to date from a shard log.",
                     dur["recovered_actors"],

@@ -27,6 +27,7 @@ import trio
 
 from shardlite.actor import (
     DAMAGED_SUFFIX,
+    EVERY_KEY,
     BadRequest,
     Unavailable,
     next_alarm_of_file,
@@ -94,9 +95,11 @@ async def split(admin: Any, op: wire.SplitShard) -> wire.Done:
         if not fence.move_mod:
             raise BadRequest(f"the split record of {op.shard} changed; not splitting")
         log_epoch = admin.pool.durability.log_epoch(source_dir)
-        await admin.pool.detach_shard(source_dir)
+        left = await admin.pool.detach_shard(source_dir)
         node.served.pop(op.shard, None)
         detached = True
+        if left:  # the upper half's files must hold every write: only this log has them
+            raise Unavailable(_not_up_to_the_log(op.shard, left))
         await directory.load()  # the shard's mod revision as of now, for the flip
         kept = ShardRecord(op.shard, lower, current.owner, current.epoch + 1)
         new = ShardRecord(op.new_shard, upper, current.owner, 1)
@@ -135,6 +138,19 @@ async def split(admin: Any, op: wire.SplitShard) -> wire.Done:
     admin.pool.resume_alarms(source_dir)
     log.info("%s split: %d actors now in %s", op.shard, moved, op.new_shard)
     return wire.Done(moved)
+
+
+def _not_up_to_the_log(shard: str, left: list[str]) -> str:
+    what = (
+        "its actor files could not be synced"
+        if EVERY_KEY in left
+        else f"{len(left)} of its actor files could not be brought up to its log "
+        f"({', '.join(map(repr, sorted(left)[:3]))}{', ...' if len(left) > 3 else ''})"
+    )
+    return (
+        f"{shard}: {what} (an I/O error, see the server's log); not splitting. The shard "
+        "serves whole and its recovery tries them again; retry the split later"
+    )
 
 
 async def _undo(

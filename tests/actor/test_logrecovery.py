@@ -17,7 +17,14 @@ import pytest
 import trio
 
 import shardlite.actor._logrecovery as logrecovery_module
-from shardlite.actor import ActorConfig, LogDurability, Sql, Unavailable, open_actor_pool
+from shardlite.actor import (
+    ActorConfig,
+    LogDurability,
+    Sql,
+    Unavailable,
+    open_actor_pool,
+    resolve_actor_path,
+)
 from shardlite.actor._logrecovery import LogRecoveryMixin
 from shardlite.actor._recovery import RecoveryFailed
 
@@ -180,6 +187,46 @@ async def test_a_detached_shard_holds_in_its_files_what_its_log_held(
     async with open_actor_pool(CONFIG, str(crashed)) as pool:
         for key in KEYS:
             assert await _count(pool, key) == ROWS
+
+
+def _rows_in_file(shard: Path, key: str) -> int:
+    """The rows the key's file holds, read with SQLite alone (no log)."""
+    conn = apsw.Connection(resolve_actor_path(str(shard), key), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return int(conn.execute("SELECT count(*) FROM t").fetchall()[0][0])  # type: ignore[arg-type]
+    finally:
+        conn.close()
+
+
+async def test_a_detach_that_cannot_bring_a_file_up_returns_its_key_and_keeps_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error while a detach brings a file up to the log: the detach goes on (the
+    shard must stop serving) but returns the key, so that a split does not carry the
+    file away from the only log that holds its writes; the shard's next attach brings
+    the file up."""
+    crashed = await _crashed_copy(tmp_path)
+    _hold_background_recovery(monkeypatch)  # never let go: the detach brings files up
+    original = logrecovery_module.replay_key
+    failing = {KEYS[1], KEYS[7]}
+
+    def replay_key(directory: str, key: str, *args: Any) -> int:
+        if key in failing:
+            raise RecoveryFailed(f"actor {key!r} could not be brought up (disk I/O error)")
+        return original(directory, key, *args)
+
+    monkeypatch.setattr(logrecovery_module, "replay_key", replay_key)
+    async with open_actor_pool(CONFIG, str(crashed)) as pool:
+        assert await _count(pool, KEYS[0]) == ROWS
+        left = await pool.detach_shard(str(crashed))
+    assert sorted(left) == sorted(failing)
+    assert [_rows_in_file(crashed, key) for key in sorted(failing)] == [0, 0]
+    assert all(_rows_in_file(crashed, key) == ROWS for key in set(KEYS) - failing)
+    failing.clear()  # the disk is back
+    async with open_actor_pool(CONFIG, str(crashed)) as pool:
+        for key in KEYS:
+            assert await _count(pool, key) == ROWS
+        assert await pool.detach_shard(str(crashed)) == []
 
 
 async def test_an_alarm_only_the_log_held_fires_without_a_call(tmp_path: Path) -> None:

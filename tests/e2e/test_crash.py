@@ -202,6 +202,7 @@ def test_a_restart_after_a_kill_reports_what_recovery_read_in_metrics(start_serv
         return float(m.group(1))
 
     assert value("shardlite_log_recovered_records_total") >= 50  # the log's active segment
+    assert value("shardlite_log_read_seconds_total") > 0
     # a kill -9 loses no file write (each batch commits its file)
     assert value("shardlite_log_recovered_actors_total") == 0
     assert value("shardlite_log_size_bytes") > 0

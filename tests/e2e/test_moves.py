@@ -22,6 +22,7 @@ import pytest
 import shardlite
 from shardlite.router import slot_of
 
+from .conftest import wait_until
 from .test_cluster import rpc_call
 
 SLOTS = 4096
@@ -404,6 +405,56 @@ def test_a_split_cut_short_after_its_flip_is_finished_on_restart(hosts: Hosts) -
     fill(a.rpc_url, keys[:1], rows=1)
     assert values(a.rpc_url, keys[0]) == [-1, -2, -3, -1]
     assert {s["id"] for s in hosts.status()["shards"]} == {"shard-00", "shard-01", "shard-02"}
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    out = subprocess.run(["chattr", flag, str(path)], check=False, capture_output=True)
+    return out.returncode == 0
+
+
+def test_a_split_refuses_while_a_file_it_would_move_lacks_writes_only_the_log_holds(
+    hosts: Hosts,
+) -> None:
+    """After a kill -9 the shard log alone holds the last writes. A file that recovery
+    cannot bring up to it (an I/O error: here, the file made immutable) must not be
+    carried to the new shard, which does not get this log: the split refuses, the
+    shard serves whole, and once the disk is back the split carries every write."""
+    from shardlite.actor import resolve_actor_path
+
+    a = hosts.servers["host-a"]
+    keys = keys_of(0, 12)
+    fill(a.rpc_url, keys)
+    a.kill()
+    victim = next(k for k in keys if slot_of(k, SLOTS) >= 1024)
+    path = Path(resolve_actor_path(str(hosts.tmp / "host-a" / "shards" / "shard-00"), victim))
+    if not _chattr("+i", path):
+        pytest.skip("chattr +i is not permitted here (needs root on ext4 or alike)")
+    try:
+        a = hosts.start("host-a")
+        out = hosts.ops("split", "shard-00", check=False)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert "not splitting" in out.stderr and repr(victim) in out.stderr, out.stderr
+        shards = {s["id"]: s for s in hosts.status()["shards"]}
+        assert "shard-02" not in shards and shards["shard-00"]["slots"] == [[0, 2048]]
+        for key in keys:
+            if key != victim:
+                assert values(a.rpc_url, key) == [-1, -2, -3]
+    finally:
+        assert _chattr("-i", path)
+    wait_until(lambda: _readable(a.rpc_url, victim))  # the recovery tries it again
+    report = json.loads(hosts.ops("split", "shard-00", "--json").stdout)
+    assert report["new_shard"] == "shard-02"
+    upper = {k for k in keys if slot_of(k, SLOTS) >= 1024}
+    assert shard_files(hosts, "host-a", "shard-02") == upper
+    for key in keys:
+        assert values(a.rpc_url, key) == [-1, -2, -3]
+
+
+def _readable(url: str, key: str) -> bool:
+    try:
+        return values(url, key) == [-1, -2, -3]
+    except shardlite.Unavailable:
+        return False
 
 
 def file_lsn(path: Path) -> int:
