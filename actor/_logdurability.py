@@ -202,17 +202,21 @@ class LogDurability(LogCheckpointMixin, LogRecoveryMixin):
         if shard.buffer or shard.waiting:
             log.error("shard %s detached with %d records unflushed", directory, len(shard.buffer))
         with trio.CancelScope(shield=True):
-            left = await self._recover(shard, retry=False)  # its files must hold its log
-            left += list(shard.unapplied)  # closed with batches their files lack
             try:
-                await self.sync_closed_files(shard)
-            except OSError as exc:
-                log.error("shard %s: syncing the closed files failed: %s", directory, exc)
-                left.append(EVERY_KEY)
-            async with shard.limiter:  # not while the flusher writes
-                shard.scope.cancel()
-                shard.log.close()
-        return left
+                # its files must hold its log; a key they cannot goes in shard.unapplied
+                left = await self._recover(shard, retry=False)
+                left += shard.unapplied  # and those closed with batches their files lack
+                try:
+                    await self.sync_closed_files(shard)
+                except OSError as exc:
+                    log.error("shard %s: syncing the closed files failed: %s", directory, exc)
+                    left.append(EVERY_KEY)
+                async with shard.limiter:  # not while the flusher writes
+                    shard.scope.cancel()
+                    shard.log.close()
+            finally:
+                shard.recovered.set()  # no waiter stays on a shard no longer here
+        return list(dict.fromkeys(left))
 
     def log_epoch(self, directory: str) -> int:
         shard = self.shards.get(directory)

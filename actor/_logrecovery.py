@@ -111,8 +111,8 @@ class LogRecoveryMixin:
         worker-thread call, then make them durable and let the log be trimmed. A key
         whose file could not be written (I/O) is tried again, after RECOVERY_RETRY_S if
         its whole chunk failed; its opens answer 503 meanwhile. Without ``retry`` (a
-        shard being detached) it is left in the log, which the next attach reads, and
-        returned: the keys whose files still lack records of the log (``EVERY_KEY`` if
+        shard being detached) it is left in the log (``shard.unapplied``, below which
+        nothing is trimmed), which the next attach reads, and returned: the keys whose files still lack records of the log (``EVERY_KEY`` if
         the sync that makes the brought-up files durable failed)."""
         left: list[str] = []
         while shard.to_replay or shard.replaying:
@@ -123,12 +123,18 @@ class LogRecoveryMixin:
             chunk = [(key, shard.to_replay.pop(key)) for key in keys]
             outcomes = await self._replay(shard, chunk, keep_failed=retry)
             failed = [
-                k for k, o in zip(keys, outcomes, strict=True) if isinstance(o, RecoveryFailed)
+                (key, records)
+                for (key, records), o in zip(chunk, outcomes, strict=True)
+                if isinstance(o, RecoveryFailed)
             ]
             if retry and len(failed) == len(chunk):
                 await trio.sleep(RECOVERY_RETRY_S)
             elif not retry:
-                left += failed
+                for key, records in failed:
+                    # out of the queue: this keeps the checkpointer, which runs until the
+                    # detach closes the log, from trimming its records
+                    shard.unapplied.setdefault(key, records[0].lsn)
+                    left.append(key)
         if shard.replay_floor is None:
             return left  # another caller finished it
         if one_syncfs(self.config):

@@ -37,6 +37,7 @@ import msgspec
 import trio
 
 from shardlite.actor import (
+    EVERY_KEY,
     ActorPool,
     BadRequest,
     NotFound,
@@ -260,10 +261,10 @@ class Admin:
             # the new owner's copies were made through each actor (its file brought up
             # first), so this only keeps the retired log worth a look
             log.error(
-                "%s: detached with %d actor files behind its log (an I/O error); the "
+                "%s: detached with actor files behind its log (an I/O error: %s); the "
                 "retired directory keeps that log",
                 shard,
-                len(left),
+                "syncing them failed" if EVERY_KEY in left else ", ".join(map(repr, left[:5])),
             )
         self.pool.resume_alarms(directory)
         await self._retire(shard)

@@ -165,12 +165,14 @@ async def _undo(
                 msgspec.structs.replace(move, phase="copy", fenced_by=""), mod
             )
     node.fences.pop(shard, None)  # adopt must not see our own fence as a reason to wait
-    if detached:
-        reloaded = await node.directory.load()
-        if reloaded is not None:
-            await node.adopt(reloaded)
-    fence.release(True)
-    admin.pool.resume_alarms(source_dir)
+    try:
+        if detached:
+            reloaded = await node.directory.load()
+            if reloaded is not None:
+                await node.adopt(reloaded)
+    finally:  # the held requests and alarms go on even if the directory is unreachable
+        fence.release(True)
+        admin.pool.resume_alarms(source_dir)
 
 
 async def finish_splits(admin: Any, placement: Placement) -> None:
