@@ -159,6 +159,7 @@ def server(start_server: Any) -> ServerProcess:
 # ---------------------------------------------------------------------- a real etcd
 
 ETCD_START_TIMEOUT_S = 20.0
+ETCD_PORT_ATTEMPTS = 3  # a free port another process takes before etcd binds it: new ports
 ETCD_PREFIX = "/shardlite/"
 
 
@@ -190,14 +191,20 @@ class EtcdServer:
         binary = shutil.which("etcd")
         if binary is None:
             pytest.fail("etcd is not installed: apt-get install etcd-server (.ci/run does it)")
+        self.binary = binary
         self.work = work
+        self.ran = False  # once it has served, its data names its ports: keep them
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.client = f"http://127.0.0.1:{free_port()}"
         peer = f"http://127.0.0.1:{free_port()}"
         self.url = "etcd://" + self.client.removeprefix("http://")
         self.cmd = [
-            binary,
+            self.binary,
             "--name=test",
-            f"--data-dir={work / 'data'}",
+            f"--data-dir={self.work / 'data'}",
             f"--listen-client-urls={self.client}",
             f"--advertise-client-urls={self.client}",
             f"--listen-peer-urls={peer}",
@@ -207,9 +214,24 @@ class EtcdServer:
             "--heartbeat-interval=50",
             "--election-timeout=500",
         ]
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> EtcdServer:
+        for attempt in range(ETCD_PORT_ATTEMPTS):
+            failure = self._launch()
+            if failure is None:
+                self.ran = True
+                return self
+            # another process took a port between free_port() and etcd's bind: new ports
+            # (and no data from the failed try), unless this etcd already served on them
+            if self.ran or "address already in use" not in failure:
+                break
+            if attempt < ETCD_PORT_ATTEMPTS - 1:
+                shutil.rmtree(self.work / "data", ignore_errors=True)
+                self._pick_ports()
+        pytest.fail(failure)
+
+    def _launch(self) -> str | None:
+        """Start etcd and wait until it is healthy; None, or why it did not start."""
         log_path = self.work / "etcd.log"
         with log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -218,14 +240,14 @@ class EtcdServer:
         deadline = time.monotonic() + ETCD_START_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
-                pytest.fail(f"etcd exited with {self.proc.returncode}:\n{log_path.read_text()}")
+                return f"etcd exited with {self.proc.returncode}:\n{log_path.read_text()}"
             try:
                 if httpx.get(self.client + "/health", timeout=1).json().get("health") == "true":
-                    return self
+                    return None
             except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"etcd did not start:\n{log_path.read_text()}")
+                return f"etcd did not start:\n{log_path.read_text()}"
             time.sleep(0.1)
 
     def stop(self) -> None:
