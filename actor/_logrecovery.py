@@ -112,8 +112,9 @@ class LogRecoveryMixin:
         whose file could not be written (I/O) is tried again, after RECOVERY_RETRY_S if
         its whole chunk failed; its opens answer 503 meanwhile. Without ``retry`` (a
         shard being detached) it is left in the log (``shard.unapplied``, below which
-        nothing is trimmed), which the next attach reads, and returned: the keys whose files still lack records of the log (``EVERY_KEY`` if
-        the sync that makes the brought-up files durable failed)."""
+        nothing is trimmed), which the next attach reads, and returned: the keys whose
+        files still lack records of the log (and ``EVERY_KEY`` if the sync that makes
+        the brought-up files durable failed)."""
         left: list[str] = []
         while shard.to_replay or shard.replaying:
             if not shard.to_replay:
@@ -144,8 +145,8 @@ class LogRecoveryMixin:
                     break
                 except OSError as exc:  # nothing is known durable: the log stays whole
                     log.error("shard %s: syncfs after recovery failed: %s", shard.directory, exc)
-                    if not retry:
-                        return [EVERY_KEY]
+                    if not retry:  # replay_floor stays: nothing is trimmed below it
+                        return [*left, EVERY_KEY]
                     await trio.sleep(RECOVERY_RETRY_S)
         shard.replay_floor = None
         shard.recovered.set()
